@@ -1,0 +1,1 @@
+"""pid: Physics Informed Distillation and moment matching for EDM diffusion teachers."""

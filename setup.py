@@ -1,0 +1,25 @@
+"""Installation script for pid: Physics Informed Distillation of EDM diffusion teachers."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="pid",
+    version="0.1.0",
+    description="Distill NVIDIA EDM diffusion teachers into one-step (PID) and few-step (moment matching) generators.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["pid", "pid.*", "edm_networks", "edm_networks.*"]),
+    py_modules=["train_pid", "sample", "fid"],
+    install_requires=[
+        "torch>=2.0",
+        "torchvision",
+        "lpips",
+        "numpy",
+        "click",
+        "pillow",
+        "scipy",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest"]},
+)
