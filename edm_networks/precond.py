@@ -23,6 +23,11 @@ MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 SigmaLike = Union[torch.Tensor, float]
 
 
+def _as_tensor(value: SigmaLike) -> torch.Tensor:
+    """``torch.as_tensor`` that keeps a tensor where it is (even inside a ``torch.device`` context)."""
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
 class _Precond(torch.nn.Module):
     """Shared plumbing: builds ``self.model`` and normalises inputs; subclasses give the coefficients."""
 
@@ -66,7 +71,7 @@ class _Precond(torch.nn.Module):
 
     def round_sigma(self, sigma: SigmaLike) -> torch.Tensor:
         """σ values the network supports; identity for continuous-time preconditioners."""
-        return torch.as_tensor(sigma)
+        return _as_tensor(sigma)
 
 
 @keeps_init_kwargs
@@ -92,12 +97,12 @@ class VPPrecond(_Precond):
 
     def sigma(self, t: SigmaLike) -> torch.Tensor:
         """σ(t) = sqrt(exp(½β_d t² + β_min t) − 1)."""
-        t = torch.as_tensor(t)
+        t = _as_tensor(t)
         return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
 
     def sigma_inv(self, sigma: SigmaLike) -> torch.Tensor:
         """t(σ) = (sqrt(β_min² + 2β_d ln(1+σ²)) − β_min) / β_d."""
-        sigma = torch.as_tensor(sigma)
+        sigma = _as_tensor(sigma)
         return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
 
 
@@ -155,7 +160,7 @@ class iDDPMPrecond(_Precond):
 
     def round_sigma(self, sigma: SigmaLike, return_index: bool = False) -> torch.Tensor:
         """Nearest supported level ``u[j]`` (or its index j), with σ's shape, dtype and device."""
-        sigma = torch.as_tensor(sigma)
+        sigma = _as_tensor(sigma)
         query = sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1)
         index = torch.cdist(query, self.u.reshape(1, -1, 1)).argmin(2)
         result = index if return_index else self.u[index.flatten()].to(sigma.dtype)
