@@ -1,0 +1,192 @@
+"""Generate images from a teacher (EDM pickle, URL, builtin:<name>) or a distilled student checkpoint.
+
+Follows EDM's generate.py: per-seed generators (a seed's image never depends on the batch), `{seed:06d}.png`
+files, the same uint8 conversion, and seeds split across ranks under torchrun. Examples:
+
+    python sample.py --ckpt=builtin:glyphs32 --seeds=0-63 --grid=grid.png
+    python sample.py --ckpt=edm-cifar10-32x32-cond-vp.pkl --outdir=out --seeds=0-49999 --subdirs
+    torchrun --nproc_per_node=2 sample.py --ckpt=runs/00000-pid/student-002000.pt --npz=samples.npz
+"""
+
+import os
+import zipfile
+from typing import Optional
+
+import click
+import numpy as np
+import torch
+import tqdm
+
+from pid.cli import user_errors
+from pid.errors import CheckpointError, ConfigError
+from pid.images import save_grid, save_npz, save_pngs, to_uint8
+from pid.samplers import ablation_sampler, edm_sampler
+from pid.seeds import StackedRandomGenerator, parse_seeds, split_seeds
+from pid.teachers import BUILTIN_PREFIX, load_teacher
+
+
+def _is_student(spec: str) -> bool:
+    """Student checkpoints are torch zip files; EDM pickles are not."""
+    if spec.startswith(BUILTIN_PREFIX) or not os.path.isfile(spec) or not zipfile.is_zipfile(spec):
+        return False
+    try:
+        from pid.student import is_student_checkpoint
+    except ImportError:
+        raise CheckpointError(f"{spec} looks like a student checkpoint, but this install has no pid.student.")
+    return bool(is_student_checkpoint(spec))
+
+
+def load_generator(spec: str, device: torch.device):
+    """(module, is_student): a student (`generate(latents, labels)`) or a teacher denoiser (`D(x, σ, labels)`)."""
+    if _is_student(spec):
+        from pid.student import load_student
+        return load_student(spec, device=device), True
+    if not spec.startswith(BUILTIN_PREFIX) and not os.path.isfile(spec) and "://" not in spec:
+        raise CheckpointError(f"--ckpt {spec}: no such file. Give an EDM network pickle, a student checkpoint "
+                              f"(.pt), an http(s) URL, or builtin:glyphs32 / builtin:glyphs16.")
+    return load_teacher(spec, device=device), False
+
+
+def draw_labels(rnd: StackedRandomGenerator, label_dim: int, n: int, class_idx: Optional[int], device):
+    """EDM's labels: one-hot of a per-seed randint (drawn after the latents), overwritten by --class."""
+    if not label_dim:
+        return None
+    labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[n], device=device)]
+    if class_idx is not None:
+        labels[:, :] = 0
+        labels[:, class_idx] = 1
+    return labels
+
+
+@torch.no_grad()
+def generate_batch(model, is_student: bool, seeds, class_idx: Optional[int], sampler_kwargs: dict, device):
+    """Images for one batch of seeds: (uint8 [N,H,W,C], class indices [N] or None)."""
+    rnd = StackedRandomGenerator(device, seeds)
+    shape = [len(seeds), model.img_channels, model.img_resolution, model.img_resolution]
+    latents = rnd.randn(shape, device=device)
+    labels = draw_labels(rnd, model.label_dim, len(seeds), class_idx, device)
+    if is_student:  # one network call per batch
+        images = model.generate(latents, labels).clamp(-1, 1)
+    else:
+        ablation = any(k in sampler_kwargs for k in ("solver", "discretization", "schedule", "scaling"))
+        sampler = ablation_sampler if ablation else edm_sampler
+        images = sampler(model, latents, labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    return to_uint8(images), None if labels is None else labels.argmax(dim=1).cpu()
+
+
+def _check_class(class_idx: Optional[int], label_dim: int) -> None:
+    if class_idx is None:
+        return
+    if not label_dim:
+        raise ConfigError(f"--class={class_idx} given, but this model is unconditional (label_dim 0); drop --class.")
+    if class_idx >= label_dim:
+        raise ConfigError(f"--class={class_idx} is out of range: this model has {label_dim} classes "
+                          f"(0..{label_dim - 1}).")
+
+
+def _init_distributed(device_opt: Optional[str]):
+    """(rank, world, device): torchrun's environment when present, else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available() and (device_opt is None or device_opt.startswith("cuda"))
+    if device_opt is None or (world > 1 and cuda):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    else:
+        device = torch.device(device_opt)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _gather(local: dict, world: int) -> dict:
+    """Merge every rank's {batch index: (uint8, labels)} (only rank 0 uses the result)."""
+    if world == 1:
+        return local
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _collect_sampler_kwargs(steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise,
+                            solver, disc, schedule, scaling) -> dict:
+    kwargs = dict(num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, S_churn=S_churn,
+                  S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver, discretization=disc,
+                  schedule=schedule, scaling=scaling)
+    return {k: v for k, v in kwargs.items() if v is not None}  # unset options keep the sampler's default
+
+
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("--ckpt", required=True, help="EDM network pickle, http(s) URL, student checkpoint (.pt) or builtin:<name>")
+@click.option("--outdir", type=str, default=None, help="Where to write {seed:06d}.png files")
+@click.option("--seeds", type=str, default="0-63", show_default=True, help="Seed list, e.g. 0-63 or 1,2,5-9")
+@click.option("--subdirs", is_flag=True, help="Write PNGs into a subfolder per 1000 seeds")
+@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class label [default: random]")
+@click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Maximum batch size per process")
+@click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True, help="Sampler steps (teachers)")
+@click.option("--sigma_min", type=click.FloatRange(min=0, min_open=True), default=None, help="Lowest noise level")
+@click.option("--sigma_max", type=click.FloatRange(min=0, min_open=True), default=None, help="Highest noise level")
+@click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=7, show_default=True, help="Time step exponent")
+@click.option("--S_churn", "S_churn", type=click.FloatRange(min=0), default=0, show_default=True, help="Stochasticity strength")
+@click.option("--S_min", "S_min", type=click.FloatRange(min=0), default=0, show_default=True, help="Stochastic lowest σ")
+@click.option("--S_max", "S_max", type=click.FloatRange(min=0), default=float("inf"), show_default=True, help="Stochastic highest σ")
+@click.option("--S_noise", "S_noise", type=float, default=1, show_default=True, help="Stochastic noise inflation")
+@click.option("--solver", type=click.Choice(["euler", "heun"]), default=None, help="Ablation sampler: ODE solver")
+@click.option("--disc", type=click.Choice(["vp", "ve", "iddpm", "edm"]), default=None, help="Ablation sampler: σ steps")
+@click.option("--schedule", type=click.Choice(["vp", "ve", "linear"]), default=None, help="Ablation sampler: σ(t)")
+@click.option("--scaling", type=click.Choice(["vp", "none"]), default=None, help="Ablation sampler: s(t)")
+@click.option("--grid", type=str, default=None, help="Also write all images as one PNG grid here")
+@click.option("--npz", type=str, default=None, help="Also write images (uint8 NHWC), labels and seeds here")
+@click.option("--device", type=str, default=None, help="torch device [default: cuda when available, else cpu]")
+@user_errors
+def main(ckpt, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, npz, **sampler_opts):
+    """Generate images with EDM's sampler (teachers) or one network call (students)."""
+    seed_list = parse_seeds(seeds)
+    if not (outdir or grid or npz):
+        raise ConfigError("Nothing to write: give --outdir, --grid and/or --npz.")
+    rank, world, dev = _init_distributed(device)
+    sampler_kwargs = _collect_sampler_kwargs(**sampler_opts)
+    if rank == 0:  # rank 0 first, so that only one process downloads
+        model, is_student = load_generator(ckpt, dev)
+    _barrier(world)
+    if rank != 0:
+        model, is_student = load_generator(ckpt, dev)
+    _check_class(class_idx, model.label_dim)
+    mine = split_seeds(seed_list, max_batch_size, rank, world)
+    local = {}
+    for index, batch_seeds in tqdm.tqdm(mine, unit="batch", disable=rank != 0, desc="sample"):
+        images, labels = generate_batch(model, is_student, batch_seeds, class_idx, sampler_kwargs, dev)
+        if outdir:
+            save_pngs(images, batch_seeds, outdir, subdirs)
+        if grid or npz:
+            local[index] = (batch_seeds, images.numpy(), None if labels is None else labels.numpy())
+    _write_collections(_gather(local, world) if (grid or npz) else {}, rank, grid, npz)
+    _barrier(world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _write_collections(results: dict, rank: int, grid: Optional[str], npz: Optional[str]) -> None:
+    """Rank 0 writes the grid and npz from all batches, in seed-list order."""
+    if rank != 0 or not results:
+        return
+    ordered = [results[k] for k in sorted(results)]
+    seeds = [s for part in ordered for s in part[0]]
+    images = np.concatenate([part[1] for part in ordered])
+    labels = None if ordered[0][2] is None else np.concatenate([part[2] for part in ordered])
+    if grid:
+        save_grid(images, grid)
+    if npz:
+        save_npz(npz, images, labels, seeds)
+
+
+if __name__ == "__main__":
+    main()  # pylint: disable=no-value-for-parameter
