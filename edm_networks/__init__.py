@@ -5,3 +5,4 @@ from .layers import (AttentionOp, Conv2d, FourierEmbedding, GroupNorm, Linear, P
 from .unets import DhariwalUNet, SongUNet
 from .precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from .classes import BACKBONE_CLASSES, NETWORK_CLASSES, PRECOND_CLASSES
+from .pickle_loader import InertRecord, NetworkPickleError, UnsafePickleError, load_network_pickle
