@@ -5,4 +5,5 @@ from .layers import (AttentionOp, Conv2d, FourierEmbedding, GroupNorm, Linear, P
 from .unets import DhariwalUNet, SongUNet
 from .precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from .classes import BACKBONE_CLASSES, NETWORK_CLASSES, PRECOND_CLASSES
+from .presets import PRESETS, build_preset, list_presets, preset_kwargs
 from .pickle_loader import InertRecord, NetworkPickleError, UnsafePickleError, load_network_pickle
