@@ -1,0 +1,77 @@
+"""Student network descriptions: named presets for teachers without a network, and specs of copied teacher nets.
+
+A network spec is `{'class': 'SongUNet' | 'DhariwalUNet', 'kwargs': {...}}`: JSON-able, enough to rebuild the
+U-Net (random weights) with `build_network`. Presets are small SongUNets sized for the built-in glyph teachers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pid.errors import CheckpointError, ConfigError
+
+__all__ = ["PRESETS", "build_network", "build_preset_network", "network_spec"]
+
+NETWORK_CLASSES = ("SongUNet", "DhariwalUNet")
+
+# DDPM++-style SongUNets (positional embedding, standard encoder/decoder), no dropout.
+_DDPMPP = {"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
+           "channel_mult_noise": 1, "resample_filter": [1, 1], "dropout": 0.0}
+PRESETS: dict[str, dict] = {
+    "tiny": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "channel_mult_emb": 2, "num_blocks": 1,
+             "attn_resolutions": []},
+    "glyphs16": {**_DDPMPP, "model_channels": 32, "channel_mult": [1, 2, 2], "channel_mult_emb": 4, "num_blocks": 1,
+                 "attn_resolutions": [4]},
+    "glyphs32": {**_DDPMPP, "model_channels": 32, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
+                 "num_blocks": 1, "attn_resolutions": [4]},
+}
+
+# Constructor parameters of the preconditioners that are not U-Net kwargs (edm.md §3).
+_PRECOND_ONLY = {"img_resolution", "img_channels", "label_dim", "use_fp16", "model_type", "sigma_min", "sigma_max",
+                 "sigma_data", "beta_d", "beta_min", "M", "epsilon_t", "C_1", "C_2"}
+_DEFAULT_MODEL = {"EDMPrecond": "DhariwalUNet", "VPPrecond": "SongUNet", "VEPrecond": "SongUNet",
+                  "iDDPMPrecond": "DhariwalUNet"}
+
+
+def build_network(spec: dict) -> nn.Module:
+    """Rebuild a U-Net from `{'class', 'kwargs'}` (random weights; the caller loads a state dict)."""
+    import edm_networks
+    cls = spec.get("class") if isinstance(spec, dict) else None
+    if cls not in NETWORK_CLASSES:
+        raise CheckpointError(f"unknown student network class {cls!r}; expected one of {', '.join(NETWORK_CLASSES)}")
+    return getattr(edm_networks, cls)(**copy.deepcopy(spec["kwargs"]))
+
+
+def build_preset_network(name: str, img_resolution: int, img_channels: int, label_dim: int,
+                         seed: int = 0) -> tuple[nn.Module, dict]:
+    """A randomly initialised preset SongUNet (init drawn from `seed`, global RNG untouched) and its spec."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown student preset {name!r}; choose one of {', '.join(PRESETS)}")
+    kwargs = {"img_resolution": int(img_resolution), "in_channels": int(img_channels),
+              "out_channels": int(img_channels), "label_dim": int(label_dim), **copy.deepcopy(PRESETS[name])}
+    spec = {"class": "SongUNet", "kwargs": kwargs, "preset": name}
+    with torch.random.fork_rng(devices=[]):  # EDM layers draw their init from the global RNG
+        torch.manual_seed(seed)
+        net = build_network(spec)
+    return net, spec
+
+
+def network_spec(precond: nn.Module) -> dict:
+    """Spec of `precond.model` (an EDM U-Net inside a preconditioner), with dropout switched off as the reference."""
+    model = precond.model
+    kwargs = getattr(model, "init_kwargs", None)
+    if kwargs is None:  # derive the U-Net kwargs from the preconditioner's, as EDM's constructors do
+        pk = dict(getattr(precond, "init_kwargs", {}))
+        if not pk:
+            raise ConfigError(f"cannot describe the teacher network {type(model).__name__}: no init_kwargs")
+        kwargs = {k: v for k, v in pk.items() if k not in _PRECOND_ONLY}
+        kwargs.update(img_resolution=pk["img_resolution"], in_channels=pk["img_channels"],
+                      out_channels=pk["img_channels"] * (2 if type(precond).__name__ == "iDDPMPrecond" else 1),
+                      label_dim=pk.get("label_dim", 0))
+    kwargs = copy.deepcopy(dict(kwargs))
+    kwargs["dropout"] = 0.0
+    kwargs["label_dropout"] = 0.0
+    return {"class": type(model).__name__, "kwargs": kwargs}

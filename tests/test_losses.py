@@ -1,0 +1,157 @@
+"""PID objective and distances: the loss equals an independent, per-sample transcription of the reference
+algorithm (both student evaluations carry gradient, edge index N−1 ↔ N−2, teacher fully detached)."""
+
+import math
+
+import pytest
+import torch
+
+import edm_networks
+from pid.errors import ConfigError, DownloadError
+from pid.losses import (DistanceConfig, LPIPSDistance, PIDObjective, karras_grid, load_vgg16_features,
+                        make_distance, pair_indices, pseudo_huber_distance)
+from pid.student import student_from_teacher
+from pid.teachers import EDMTeacher
+
+TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+
+
+def tiny_teacher(kind: str, label_dim: int = 0) -> EDMTeacher:
+    precond = {"edm": edm_networks.EDMPrecond, "vp": edm_networks.VPPrecond, "ve": edm_networks.VEPrecond}[kind]
+    torch.manual_seed(1)
+    net = precond(img_resolution=8, img_channels=3, label_dim=label_dim, model_type="SongUNet", **TINY)
+    with torch.no_grad():  # EDM zero-initialises the output conv: perturb so that F depends on its inputs
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return EDMTeacher(net.eval().requires_grad_(False), f"tiny-{kind}")
+
+
+def reference_losses(student, teacher, z, labels, n, N, smin, smax, rho=7.0, detach_teacher=True):
+    """Direct transcription of the reference training step, one sample at a time, two separate student calls."""
+    ts = [(smax ** (1 / rho) + i / (N - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho for i in range(N)]
+    out = []
+    for i in range(z.shape[0]):
+        a = int(n[i])
+        b = a + 1 if a + 1 < N else N - 2
+        t, t2 = ts[a], ts[b]
+        y = None if labels is None else labels[i:i + 1]
+        X = student(z[i:i + 1], torch.tensor([t]), y)
+        X2 = student(z[i:i + 1], torch.tensor([t2]), y)
+        lhs = X - t * (X - X2) / (t - t2)
+        if detach_teacher:
+            with torch.no_grad():
+                rhs = teacher(X.detach(), torch.tensor([t]), y)
+        else:  # a wrong variant (gradient through the teacher into X), to show that the test can tell
+            rhs = teacher(X, torch.tensor([t]), y)
+        out.append((lhs - rhs).square().mean())
+    return torch.stack(out)
+
+
+def grads(student, loss):
+    student.zero_grad()
+    loss.sum().backward()
+    return [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("kind,label_dim", [("edm", 0), ("vp", 0), ("ve", 4)])
+def test_pid_loss_matches_reference_transcription(kind, label_dim):
+    teacher = tiny_teacher(kind, label_dim)
+    student = student_from_teacher(teacher, "tiny")
+    with torch.no_grad():  # move the student away from the teacher so that the residual is not trivial
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    N = 4
+    obj = PIDObjective(teacher, num_steps=N, distance="l2")
+    z, labels, _ = obj.draw(8, (3, 8, 8), label_dim, torch.Generator().manual_seed(0), torch.device("cpu"))
+    n = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])  # every index, including the edge N−1 and t = σ_max
+    lhs, rhs = obj.residual(student, z, labels, n)
+    ours = obj.distance(lhs, rhs)
+    ref = reference_losses(student, teacher, z, labels, n, N, obj.sigma_min, obj.sigma_max)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    g_ours, g_ref = grads(student, ours), grads(student, reference_losses(student, teacher, z, labels, n, N,
+                                                                          obj.sigma_min, obj.sigma_max))
+    assert len(g_ours) == len(g_ref) > 0
+    scale = max(float(b.abs().max()) for b in g_ref)  # f32 round-off, amplified by t/Δt, is relative to this
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale)
+    # Gradient through the teacher branch would change the update: the detach is really tested.
+    wrong = grads(student, reference_losses(student, teacher, z, labels, n, N, obj.sigma_min, obj.sigma_max,
+                                            detach_teacher=False))
+    assert max(float((a - b).abs().max()) for a, b in zip(g_ours, wrong)) > 1e-2 * scale
+
+
+def test_loss_draws_from_generator_only_and_both_evaluations_carry_gradient():
+    teacher = tiny_teacher("edm")
+    student = student_from_teacher(teacher, "tiny")
+    obj = PIDObjective(teacher, num_steps=5, distance="l2")
+    l1, _ = obj.loss(student, 6, torch.Generator().manual_seed(3), torch.device("cpu"))
+    torch.manual_seed(123)  # the global RNG must not matter
+    l2, stats = obj.loss(student, 6, torch.Generator().manual_seed(3), torch.device("cpu"))
+    torch.testing.assert_close(l1, l2)
+    assert l1.shape == (6,) and l1.requires_grad and math.isfinite(stats["residual_rms"])
+    # At n = 0 (t = σ_max) X ≡ z has no gradient, yet the loss does through X' at t_1.
+    z, _, _ = obj.draw(2, (3, 8, 8), 0, torch.Generator().manual_seed(0), torch.device("cpu"))
+    lhs, _ = obj.residual(student, z, None, torch.tensor([0, 0]))
+    assert lhs.requires_grad
+
+
+def test_karras_grid_and_pairs():
+    g = karras_grid(250, 0.002, 80.0)
+    assert g[0].item() == pytest.approx(80.0) and g[-1].item() == pytest.approx(0.002)
+    assert bool((g[1:] < g[:-1]).all())
+    ratio = (g[:-1] - g[1:]) / g[:-1]  # Δt/t ≈ 0.022–0.094 for N = 250 (docs/pid.md §(c))
+    assert 0.02 < ratio.min() < 0.025 and 0.09 < ratio.max() < 0.1
+    assert pair_indices(torch.tensor([0, 5, 248, 249]), 250).tolist() == [1, 6, 249, 248]
+    with pytest.raises(ConfigError):
+        karras_grid(1, 0.002, 80.0)
+
+
+def test_simple_distances():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
+    d = (x - y).flatten(1)
+    torch.testing.assert_close(make_distance("l2")(x, y), d.square().mean(1))
+    torch.testing.assert_close(make_distance("l1")(x, y), d.abs().mean(1))
+    c = 0.00054 * math.sqrt(48)
+    torch.testing.assert_close(make_distance("pseudo-huber")(x, y), (d.square().sum(1) + c * c).sqrt() - c)
+    torch.testing.assert_close(pseudo_huber_distance(x, x, 0.5), torch.zeros(3))
+    with pytest.raises(ConfigError, match="unknown distance"):
+        make_distance("l3")
+
+
+def _fake_vgg_file(path) -> str:
+    """A torchvision-format VGG16 `features` state dict with random weights (no download needed)."""
+    g = torch.Generator().manual_seed(0)
+    sd, cin = {}, 3
+    for idx, cout in zip([0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28],
+                         [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]):
+        sd[f"features.{idx}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2 / (9 * cin))
+        sd[f"features.{idx}.bias"] = torch.zeros(cout)
+        cin = cout
+    torch.save(sd, path)
+    return str(path)
+
+
+def test_lpips_from_local_file(tmp_path):
+    vgg = _fake_vgg_file(tmp_path / "vgg16.pth")
+    lp = LPIPSDistance(resize=32, vgg_path=vgg)
+    assert torch.equal(lp.model.net.slice3[10 - 9].weight, torch.load(vgg)["features.10.weight"])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    d = lp(x, y)
+    assert d.shape == (2,) and bool((d > 0).all()) and torch.allclose(lp(x, x), torch.zeros(2), atol=1e-6)
+    up = torch.nn.functional.interpolate  # the resize is bilinear to resize×resize, before the network
+    torch.testing.assert_close(d, LPIPSDistance(resize=0, vgg_path=vgg)(up(x, size=(32, 32), mode="bilinear"),
+                                                                       up(y, size=(32, 32), mode="bilinear")))
+    dist = make_distance(DistanceConfig("lpips", lpips_resize=32, lpips_vgg=vgg))
+    x.requires_grad_(True)
+    dist(x, y).sum().backward()  # gradient reaches the images (the student side)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_lpips_weights_missing_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(DownloadError, match="not found.*--loss=l2"):
+        load_vgg16_features(str(tmp_path / "missing.pth"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(DownloadError, match="vgg16-397923af.pth.*--lpips-vgg.*--loss=l2"):
+        load_vgg16_features(None, download=False)
