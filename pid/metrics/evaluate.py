@@ -1,0 +1,150 @@
+"""Evaluation during training: score the (EMA) student on fixed seeds every `--eval-every` steps.
+
+Two modes, chosen once by `make_evaluator`:
+* FID (and IS) against reference statistics (`fid_ref`): images from seeds `seed0 .. seed0+num-1`, EDM's uint8
+  quantisation, the same detector and statistics as `fid.py calc`.
+* Exact metrics for a built-in analytic teacher (no download): RMSE to the teacher's reference ODE endpoint of
+  the same noise, component accuracy and log-likelihood (`pid.exact_eval`); the endpoints are computed once.
+"""
+
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from pid.errors import ConfigError
+from pid.metrics.inception import load_detector
+from pid.metrics.stats import StatsAccumulator, frechet_distance, inception_score, load_stats
+from pid.seeds import StackedRandomGenerator, split_seeds
+
+__all__ = ["make_evaluator", "seed_inputs"]
+
+
+def seed_inputs(seeds: List[int], shape, label_dim: int, device: torch.device):
+    """EDM's per-seed inputs: unit-normal latents [N, C, H, W] (float32) and one-hot labels [N, label_dim] or None.
+
+    Draw order as generate.py: latents first, then the label `randint`, each from the seed's own generator.
+    """
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), *shape], device=device)
+    labels = None
+    if label_dim:
+        labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)]
+    return latents, labels
+
+
+def _world(distributed: Optional[bool]):
+    import torch.distributed as dist
+    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed is None:
+        distributed = on
+    return (dist.get_rank(), dist.get_world_size()) if distributed and on else (0, 1)
+
+
+def _generate_uint8(generator, latents, labels) -> torch.Tensor:
+    """Student images [-1, 1] -> uint8 [N, C, H, W] with EDM's truncating `x·127.5 + 128` conversion."""
+    images = generator.generate(latents, labels)
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+class _Evaluator:
+    """Callable `evaluate(generator_module) -> {'metrics': {...}, 'primary': str, 'mode': 'min'|'max'}`."""
+
+    def __init__(self, teacher, num, fid_ref, detector, batch, seed0, device, distributed, splits):
+        if num < 2:
+            raise ConfigError(f"--eval-num must be at least 2, got {num}.")
+        self.teacher, self.batch, self.device, self.splits = teacher, batch, device, splits
+        self.seeds = list(range(seed0, seed0 + num))
+        self.distributed = distributed
+        self.exact = fid_ref is None
+        if self.exact:
+            if not (hasattr(teacher, "component_of") and hasattr(teacher, "log_prob")):
+                raise ConfigError("Evaluation during training needs --fid-ref (reference statistics from `fid.py "
+                                  "ref`) unless the teacher is a built-in analytic one (builtin:<name>).")
+            self.references: Optional[List[torch.Tensor]] = None  # per local batch, computed on first use
+        else:
+            self.ref_mu, self.ref_sigma = load_stats(fid_ref)
+            self.detector = load_detector(detector, device)
+
+    def _batches(self, rank, world):
+        return split_seeds(self.seeds, self.batch, rank, world)
+
+    def __call__(self, generator) -> Dict:
+        device = torch.device(self.device) if self.device is not None else \
+            next(iter(generator.parameters()), torch.zeros(())).device
+        shape = [generator.img_channels, generator.img_resolution, generator.img_resolution]
+        rank, world = _world(self.distributed)
+        was_training = getattr(generator, "training", False)
+        if hasattr(generator, "eval"):
+            generator.eval()
+        try:
+            with torch.no_grad():
+                if self.exact:
+                    metrics = self._exact(generator, shape, device, rank, world)
+                    return dict(metrics=metrics, primary="rmse", mode="min")
+                return dict(metrics=self._fid(generator, shape, device, rank, world), primary="fid", mode="min")
+        finally:
+            if was_training:
+                generator.train()
+
+    def _fid(self, generator, shape, device, rank, world) -> Dict[str, float]:
+        acc, probs, order = StatsAccumulator(self.detector.device), [], []
+        for seeds in self._batches(rank, world):
+            latents, labels = seed_inputs(seeds, shape, generator.label_dim, device)
+            images = _generate_uint8(generator, latents, labels)
+            acc.update(self.detector.features(images))
+            if self.detector.has_probs:
+                probs.append(self.detector.probs(images).cpu().numpy())
+                order.extend(s - self.seeds[0] for s in seeds)
+        if world > 1:
+            acc.all_reduce(self.ref_mu.shape[0])
+        mu, sigma = acc.mu_sigma()
+        metrics = {"fid": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)}
+        if self.detector.has_probs:
+            from pid.metrics.features import _gather_rows
+            all_probs = _gather_rows(probs, order, len(self.seeds)) if world > 1 else np.concatenate(probs)
+            if len(all_probs) >= self.splits:
+                metrics["is"], metrics["is_std"] = inception_score(all_probs, self.splits)
+        return metrics
+
+    def _exact(self, generator, shape, device, rank, world) -> Dict[str, float]:
+        from pid.exact_eval import exact_metrics, reference_endpoints
+        inputs = [seed_inputs(s, shape, generator.label_dim, device) for s in self._batches(rank, world)]
+        if self.references is None:  # the teacher's ODE endpoints of these fixed seeds never change
+            self.references = [reference_endpoints(self.teacher, z, c) for z, c in inputs]
+        images = torch.cat([generator.generate(z, c).to(torch.float64) for z, c in inputs])
+        labels = None if inputs[0][1] is None else torch.cat([c for _z, c in inputs])
+        metrics = exact_metrics(self.teacher, images, torch.cat(self.references).to(images.device), labels)
+        if world > 1:  # every value is a mean over images: weight by the local count and sum
+            import torch.distributed as dist
+            keys = sorted(metrics)
+            t = torch.tensor([metrics[k] * len(images) for k in keys] + [len(images)], dtype=torch.float64,
+                             device=device)
+            dist.all_reduce(t)
+            metrics = {k: float(v / t[-1]) for k, v in zip(keys, t[:-1])}
+        return {k: float(v) for k, v in metrics.items()}
+
+
+def make_evaluator(teacher, *, num: int, fid_ref: Optional[str], detector: Optional[str] = None, batch: int = 64,
+                   seed0: int = 0, device=None, distributed: Optional[bool] = None,
+                   splits: int = 10) -> Callable[[torch.nn.Module], Dict]:
+    """An `evaluate(generator_module) -> dict` for the trainer, on fixed seeds `seed0 .. seed0+num-1`.
+
+    `generator_module.generate(latents [N,C,H,W] unit normal, class_labels [N,label_dim] one-hot or None)` must
+    return images in [-1, 1]; it must expose `label_dim`, `img_channels`, `img_resolution`. Latents and labels
+    are EDM's per-seed draws, so a seed's image does not depend on `batch`.
+
+    Returns `{'metrics': {...}, 'primary': KEY, 'mode': 'min'}`: the trainer keeps the checkpoint with the
+    lowest `metrics[primary]` (mode 'min': lower is better).
+    * `fid_ref` given: metrics `fid` (primary) plus `is`, `is_std` (Inception Score, `splits` splits) when the
+      detector is the Inception network and num >= splits. `detector` as in `fid.py --detector`.
+    * `fid_ref` None and a built-in analytic teacher (has `component_of`, `log_prob`): metrics `rmse` (primary),
+      `component_accuracy`, `log_likelihood`, `data_log_likelihood` from `pid.exact_eval`; the reference
+      endpoints are computed on the first call and cached.
+    * otherwise: ConfigError (an EDM teacher needs `--fid-ref`).
+    Files (statistics, detector) are loaded here, once, so a bad path fails before training starts.
+    Distributed (torch.distributed initialised, `distributed` None or True): seeds are split across ranks, the
+    call is collective (call it on every rank) and every rank gets the same result. Pass `distributed=False`
+    to evaluate on one rank only.
+    """
+    return _Evaluator(teacher, num, fid_ref, detector, batch, seed0, device, distributed, splits)

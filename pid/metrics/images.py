@@ -1,0 +1,103 @@
+"""Image sets for FID: folders (searched recursively) and EDM dataset zips, read as uint8 CHW like EDM's reader.
+
+A file is an image when PIL knows its extension; files are ordered by their relative path. When a set has more
+images than asked for, EDM's seeded subset is used, so `fid.py calc --num --seed` picks the same images as EDM.
+"""
+
+import io
+import os
+import zipfile
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from pid.errors import DataError
+
+__all__ = ["ImageSet", "list_image_files", "select_subset"]
+
+
+def _image_extensions() -> set:
+    from PIL import Image  # imported here so that `import pid` stays light
+    Image.init()
+    return set(Image.EXTENSION)
+
+
+def list_image_files(path: str) -> List[str]:
+    """Sorted relative paths ('/'-separated) of every image in a folder (recursive) or in a zip's members."""
+    if not os.path.exists(path):
+        raise DataError(f"Image path '{path}' does not exist: give a folder of images or a dataset .zip.")
+    if os.path.isdir(path):
+        names = [os.path.relpath(os.path.join(root, f), start=path).replace(os.sep, "/")
+                 for root, _dirs, files in os.walk(path) for f in files]
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    else:
+        raise DataError(f"'{path}' is neither a folder nor a zip archive: give a folder of images or a dataset .zip.")
+    extensions = _image_extensions()
+    return sorted(n for n in names if os.path.splitext(n)[1].lower() in extensions)
+
+
+def select_subset(n: int, num: int, seed: int) -> np.ndarray:
+    """Indices of EDM's subset: shuffle `arange(n)` with `RandomState(seed % 2**31)`, keep `num`, sort."""
+    idx = np.arange(n)
+    if n > num:
+        np.random.RandomState(seed % (1 << 31)).shuffle(idx)
+        idx = np.sort(idx[:num])
+    return idx
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """The images of a folder or zip as uint8 tensors [C, H, W] (C = 1 for grayscale, 3 otherwise).
+
+    num: when given, the set must hold at least `num` images and EDM's seeded subset of `num` is used.
+    Modes other than 'L' and 'RGB' (palette, RGBA, 16-bit) are converted to RGB.
+    """
+
+    def __init__(self, path: str, num: Optional[int] = None, seed: int = 0):
+        self.path = path
+        files = list_image_files(path)
+        if num is not None and len(files) < num:
+            raise DataError(f"Found {len(files)} images in '{path}', but --num asks for {num}: generate more "
+                            f"images or lower --num.")
+        if len(files) < 2:
+            raise DataError(f"Found {len(files)} images in '{path}', but statistics need at least 2 (a file counts "
+                            f"as an image when PIL knows its extension, e.g. .png, .jpg).")
+        self.files = [files[i] for i in select_subset(len(files), num if num is not None else len(files), seed)]
+        self._zip = None
+        self.shape = tuple(self._load(0).shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getstate__(self):  # an open ZipFile cannot be sent to DataLoader workers; each reopens its own
+        return dict(self.__dict__, _zip=None)
+
+    def _read_bytes(self, name: str) -> bytes:
+        if os.path.isdir(self.path):
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        return self._zip.read(name)
+
+    def _load(self, i: int) -> torch.Tensor:
+        from PIL import Image
+        name = self.files[i]
+        try:
+            with Image.open(io.BytesIO(self._read_bytes(name))) as img:
+                if img.mode not in ("L", "RGB"):
+                    img = img.convert("RGB")
+                array = np.array(img, dtype=np.uint8)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"Cannot read image '{name}' in '{self.path}' ({exc}).") from None
+        array = array[:, :, None] if array.ndim == 2 else array
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self._load(i)
+        if tuple(image.shape) != self.shape:
+            raise DataError(f"Image '{self.files[i]}' in '{self.path}' has shape {list(image.shape)} but "
+                            f"'{self.files[0]}' has {list(self.shape)}: all images must have the same size.")
+        return image
