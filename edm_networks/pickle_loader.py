@@ -278,8 +278,8 @@ def load_network_pickle(path_or_file: Union[str, os.PathLike, BinaryIO]) -> dict
     """
     known = frozenset(NETWORK_CLASSES) | frozenset(PRECOND_CLASSES) | INERT_CLASSES
     with _open_binary(path_or_file) as (f, source):
-        _check_header(f, source)
-        raw = _unpickle(f, source, known)
+        head = _check_header(f, source)
+        raw = _unpickle(f, source, known, head)
     if type(raw) not in (dict, collections.OrderedDict):
         raise NetworkPickleError(f"{source}: holds a {type(raw).__name__} at the top level; expected {_EXPECTED}")
     if "ema" not in raw:
@@ -307,7 +307,7 @@ def _open_binary(path_or_file: Any) -> Iterator[tuple]:
     if isinstance(path_or_file, (str, os.PathLike)):
         path = os.fspath(path_or_file)
         if not os.path.exists(path):
-            raise NetworkPickleError(f"network pickle not found: {path} (expected {_EXPECTED})")
+            raise NetworkPickleError(f"network pickle not found: {path}; check the path. Expected {_EXPECTED}")
         if os.path.isdir(path):
             raise NetworkPickleError(f"{path} is a directory; expected {_EXPECTED}")
         with open(path, "rb") as f:
@@ -322,7 +322,7 @@ def _open_binary(path_or_file: Any) -> Iterator[tuple]:
     yield (path_or_file if seekable else io.BytesIO(path_or_file.read())), source
 
 
-def _check_header(f: BinaryIO, source: str) -> None:
+def _check_header(f: BinaryIO, source: str) -> bytes:
     """Recognise files that are certainly not EDM network pickles, to say what they are instead."""
     start = f.tell()
     head = f.read(16)
@@ -334,12 +334,14 @@ def _check_header(f: BinaryIO, source: str) -> None:
             f"{source}: is a torch.save file (for example EDM's training-state-*.pt or a pid checkpoint), not "
             f"a network pickle; expected {_EXPECTED}. For an EDM run, use the network-snapshot-*.pkl of the "
             f"same step.")
-    if head[0] != 0x80:  # every pickle of protocol >= 2 starts with PROTO; EDM writes protocol 4
-        raise NetworkPickleError(f"{source}: is not a pickle file (it starts with {head[:12]!r}); "
-                                 f"expected {_EXPECTED}")
+    if head[0] != 0x80 or not 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
+        # EDM writes protocol 4; older protocols have no header and would let any text be read as opcodes.
+        raise NetworkPickleError(f"{source}: is not a pickle file of protocol 2 or newer (it starts with "
+                                 f"{head[:12]!r}); expected {_EXPECTED}")
+    return head
 
 
-def _unpickle(f: BinaryIO, source: str, known: frozenset) -> Any:
+def _unpickle(f: BinaryIO, source: str, known: frozenset, head: bytes) -> Any:
     """Run the allow-list unpickler; every failure becomes a NetworkPickleError naming the file."""
     try:
         return _SafeUnpickler(f, source, known).load()
@@ -350,10 +352,15 @@ def _unpickle(f: BinaryIO, source: str, known: frozenset) -> Any:
                                  "Download or copy the file again.") from None
     except _FormatError as exc:
         raise NetworkPickleError(f"{source}: is corrupt: {exc}; expected {_EXPECTED}") from None
-    except Exception as exc:  # anything the pickle machine raises on a malformed stream
-        hint = " (the file is truncated: download or copy it again)" if "truncated" in str(exc) else ""
-        raise NetworkPickleError(f"{source}: could not be read as {_EXPECTED}{hint}: "
-                                 f"{type(exc).__name__}: {exc}") from None
+    except pickle.UnpicklingError as exc:
+        if "truncated" in str(exc):
+            raise NetworkPickleError(f"{source}: is truncated ({exc}); expected {_EXPECTED}. Download or copy "
+                                     "the file again.") from None
+        raise NetworkPickleError(f"{source}: is not a pickle file or is corrupt ({exc}); it starts with "
+                                 f"{head[:12]!r}; expected {_EXPECTED}") from None
+    except Exception as exc:  # anything else the pickle machine raises on a malformed stream
+        raise NetworkPickleError(f"{source}: is corrupt ({type(exc).__name__}: {exc}); expected {_EXPECTED}") \
+            from None
 
 
 def _state_of(record: Any) -> dict:

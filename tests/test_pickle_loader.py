@@ -175,3 +175,173 @@ def test_full_preset_pickle_loads():
     net = build_preset("edm-cifar10-32x32-uncond-vp").eval()
     loaded = load_network_pickle(io.BytesIO(snapshot_bytes(net)))["ema"]
     _assert_same_network(loaded, net)
+
+
+# ------------------------------------------------------------------------------------- hostile pickles
+
+def _write_code(marker):
+    return f"open({str(marker)!r}, 'w').write('pwned')"
+
+
+HOSTILE_CALLS = [
+    ("os", "system", lambda m: (f"touch {m}",)),
+    ("posix", "system", lambda m: (f"touch {m}",)),
+    ("builtins", "eval", lambda m: (_write_code(m),)),
+    ("builtins", "exec", lambda m: (_write_code(m),)),
+    ("subprocess", "check_call", lambda m: (["touch", str(m)],)),
+    ("subprocess", "Popen", lambda m: (["touch", str(m)],)),
+    ("subprocess", "run", lambda m: (["touch", str(m)],)),
+    ("torch", "load", lambda m: (str(m),)),
+    ("numpy", "load", lambda m: (str(m),)),
+]
+
+
+@pytest.mark.parametrize("protocol", [4, 2, 0])
+@pytest.mark.parametrize("module,name,args", HOSTILE_CALLS, ids=[f"{m}.{n}" for m, n, _ in HOSTILE_CALLS])
+def test_hostile_global_is_refused_and_runs_nothing(tmp_path, module, name, args, protocol):
+    marker = tmp_path / "pwned"
+    data = dumps(Reduced(GlobalRef(module, name), args(marker)), protocol=protocol)
+    if protocol == 0:  # header-less protocols are refused before any opcode is read
+        with pytest.raises(NetworkPickleError, match="not a pickle file of protocol 2 or newer"):
+            load_network_pickle(io.BytesIO(data))
+    else:
+        with pytest.raises(UnsafePickleError, match=f"'{module}.{name}'"):
+            load_network_pickle(io.BytesIO(data))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("module,name", [("os", "system"), ("builtins", "exec"), ("subprocess", "check_call")])
+def test_hostile_payloads_are_live_under_plain_pickle(tmp_path, module, name):
+    """Control: the same bytes DO run their payload under pickle.loads, so the refusal above is meaningful."""
+    marker = tmp_path / "pwned"
+    args = dict((c[0] + c[1], c[2]) for c in HOSTILE_CALLS)[module + name](marker)
+    pickle.loads(dumps(Reduced(GlobalRef(module, name), args)))
+    assert marker.exists()
+
+
+def test_hostile_global_deep_inside_a_valid_snapshot_is_refused(small_net, tmp_path):
+    marker = tmp_path / "pwned"
+    snap = snapshot(small_net)
+    block = snap["ema"].args[0]["state"]["_modules"]["model"].args[0]["state"]
+    block["evil"] = Reduced(GlobalRef("os", "system"), (f"touch {marker}",))
+    with pytest.raises(UnsafePickleError, match="'os.system'"):
+        load_network_pickle(io.BytesIO(dumps(snap)))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["ema", "loss_fn", "submodule"])
+def test_unknown_persistent_class_is_refused_and_its_source_never_runs(small_net, tmp_path, where):
+    marker = tmp_path / "pwned"
+    source = _write_code(marker) + "\nclass Exploit:\n    pass\n"
+    evil = persistent("Exploit", {"_init_args": (), "_init_kwargs": {}}, module_src=source)
+    snap = snapshot(small_net)
+    if where == "submodule":
+        snap["ema"].args[0]["state"]["_modules"]["model"].args[0]["state"]["_modules"]["map_layer0"] = evil
+    else:
+        snap[where] = evil
+    path = tmp_path / "network-snapshot-000000.pkl"
+    path.write_bytes(dumps(snap))
+    with pytest.raises(UnsafePickleError, match="'Exploit'") as info:
+        load_network_pickle(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+    exec(compile(source, "<control>", "exec"), {})  # control: the embedded source really would write the file
+    assert marker.exists()
+
+
+def test_known_classes_with_hostile_source_load_without_running_it(small_net, tmp_path):
+    marker = tmp_path / "pwned"
+    data = snapshot_bytes(small_net, module_src=_write_code(marker) + "\n")
+    _assert_same_network(load_network_pickle(io.BytesIO(data))["ema"], small_net)
+    assert not marker.exists()
+
+
+def test_persistent_ids_are_refused():
+    data = b"\x80\x02X\x03\x00\x00\x00abcQ."  # PROTO 2, BINUNICODE 'abc', BINPERSID, STOP
+    with pytest.raises(UnsafePickleError, match="persistent id"):
+        load_network_pickle(io.BytesIO(data))
+
+
+# ---------------------------------------------------------------------------------------- clear errors
+
+def _load_error(source):
+    with pytest.raises(NetworkPickleError) as info:
+        load_network_pickle(source)
+    assert not isinstance(info.value, UnsafePickleError)
+    if isinstance(source, (str, pathlib.Path)):
+        assert str(source) in str(info.value)  # every message names the file
+    return str(info.value)
+
+
+def test_missing_empty_directory_and_text_mode(tmp_path):
+    assert "not found" in _load_error(tmp_path / "edm-missing.pkl")
+    assert "directory" in _load_error(tmp_path)
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    assert "empty" in _load_error(tmp_path / "empty.pkl")
+    (tmp_path / "x.pkl").write_bytes(b"\x80\x04.")
+    with open(tmp_path / "x.pkl", "r", encoding="latin-1") as f:
+        assert "text mode" in _load_error(f)
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + bytes(100), b"<!DOCTYPE html><html>Not Found</html>",
+                                     b"hello world\n", b"\x1f\x8b\x08\x00" + bytes(50)])
+def test_not_a_pickle(tmp_path, content):
+    path = tmp_path / "edm-cifar10.pkl"
+    path.write_bytes(content)
+    assert "not a pickle file" in _load_error(path)
+
+
+def test_truncated_file_at_many_points(small_pickle, tmp_path):
+    path = tmp_path / "network-snapshot-000000.pkl"
+    for cut in list(range(3, len(small_pickle), len(small_pickle) // 23)) + [len(small_pickle) - 1]:
+        path.write_bytes(small_pickle[:cut])
+        message = _load_error(path)
+        assert "truncated" in message, (cut, message)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_torch_save_file_is_named_as_such(small_net, tmp_path, zip_format):
+    path = tmp_path / "training-state-000000.pt"
+    torch.save({"net": small_net.state_dict(), "optimizer_state": {}}, path,
+               _use_new_zipfile_serialization=zip_format)
+    message = _load_error(path)
+    assert "torch.save" in message and "training-state-*.pt" in message and "network-snapshot" in message
+
+
+def test_pickle_without_ema_or_with_a_non_network_ema(small_net, tmp_path):
+    path = tmp_path / "snap.pkl"
+    snap = snapshot(small_net)
+    ema = snap.pop("ema")
+    path.write_bytes(dumps(snap))
+    assert "no 'ema' network" in _load_error(path) and "'loss_fn'" in _load_error(path)
+    path.write_bytes(dumps(dict(snap, ema=snap["loss_fn"])))
+    assert "'ema' is a EDMLoss" in _load_error(path)
+    path.write_bytes(dumps([ema]))
+    assert "holds a list" in _load_error(path)
+    path.write_bytes(dumps({"ema": module_record(small_net.model)}))  # a bare backbone, not a preconditioner
+    assert "'ema' is a SongUNet" in _load_error(path)
+
+
+def test_arguments_that_do_not_match_the_tensors(small_net, tmp_path):
+    path = tmp_path / "snap.pkl"
+    path.write_bytes(snapshot_bytes(small_net, init_kwargs=dict(small_net.init_kwargs, model_channels=16)))
+    assert "shape" in _load_error(path)
+    path.write_bytes(snapshot_bytes(small_net, init_kwargs=dict(small_net.init_kwargs, bogus_option=1)))
+    assert "cannot be rebuilt" in _load_error(path) and "bogus_option" in _load_error(path)
+    path.write_bytes(snapshot_bytes(small_net, init_kwargs=dict(small_net.init_kwargs, label_dim=0)))
+    assert "missing model.map_label.weight" in _load_error(path) or "unexpected" in _load_error(path)
+
+
+def test_corrupt_records_and_tensors(small_net, tmp_path):
+    path = tmp_path / "snap.pkl"
+    snap = snapshot(small_net)
+    snap["ema"].args[0]["version"] = 5
+    path.write_bytes(dumps(snap))
+    assert "version" in _load_error(path)
+    snap = snapshot(small_net)
+    rebuild, (storage, *_rest) = torch.zeros(4).__reduce_ex__(4)
+    params = snap["ema"].args[0]["state"]["_modules"]["model"].args[0]["state"]["_modules"]["map_layer0"]
+    params.args[0]["state"]["_parameters"]["weight"] = Reduced(rebuild, (storage, 0, (100,), (1,), False,
+                                                                         collections.OrderedDict()))
+    path.write_bytes(dumps(snap))
+    assert "does not fit" in _load_error(path)
