@@ -56,15 +56,19 @@ class _Precond(torch.nn.Module):
         use_half = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
         return x, sigma, class_labels, (torch.float16 if use_half else torch.float32)
 
-    def _coefficients(self, sigma: torch.Tensor):
-        """Return ``(c_skip, c_out, c_in, c_noise)`` for σ ``[B, 1, 1, 1]`` (f32)."""
+    def coefficients(self, sigma: torch.Tensor):
+        """EDM Table 1 coefficients ``(c_skip, c_out, c_in, c_noise)`` for an f32 σ tensor (any shape).
+
+        Each is a tensor shaped like σ or a Python number where it is constant (e.g. VP's c_skip = 1), computed
+        exactly as in forward; ``c_noise.flatten()`` is what the backbone receives as noise_labels.
+        """
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, sigma: SigmaLike, class_labels: Optional[torch.Tensor] = None,
                 force_fp32: bool = False, **model_kwargs: Any) -> torch.Tensor:
         """Denoise: x ``[N, C, H, W]`` at noise level σ -> D(x; σ) ``[N, C, H, W]`` f32 (EDM eq. 7)."""
         x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
-        c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         assert F_x.dtype == dtype, f"model returned {F_x.dtype}, expected {dtype}"
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
@@ -90,7 +94,7 @@ class VPPrecond(_Precond):
         self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, dtype=torch.float32, device="cpu")))
         self.sigma_max = float(self.sigma(torch.tensor(1.0, dtype=torch.float32, device="cpu")))
 
-    def _coefficients(self, sigma: torch.Tensor):
+    def coefficients(self, sigma: torch.Tensor):
         c_in = 1 / (sigma ** 2 + 1).sqrt()
         c_noise = (self.M - 1) * self.sigma_inv(sigma)
         return 1, -sigma, c_in, c_noise
@@ -117,7 +121,7 @@ class VEPrecond(_Precond):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
-    def _coefficients(self, sigma: torch.Tensor):
+    def coefficients(self, sigma: torch.Tensor):
         return 1, sigma, 1, (0.5 * sigma).log()
 
 
@@ -153,7 +157,7 @@ class iDDPMPrecond(_Precond):
         j = torch.as_tensor(j, device="cpu")
         return (0.5 * math.pi * j / self.M / (self.C_2 + 1)).sin() ** 2
 
-    def _coefficients(self, sigma: torch.Tensor):
+    def coefficients(self, sigma: torch.Tensor):
         c_in = 1 / (sigma ** 2 + 1).sqrt()
         c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
         return 1, -sigma, c_in, c_noise
@@ -179,7 +183,7 @@ class EDMPrecond(_Precond):
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
 
-    def _coefficients(self, sigma: torch.Tensor):
+    def coefficients(self, sigma: torch.Tensor):
         sd = self.sigma_data
         c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()

@@ -140,6 +140,25 @@ def test_continuous_preconditioner_constants():
     assert torch.equal(edm.round_sigma(s), s)
 
 
+@pytest.mark.parametrize("cls", [EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond])
+def test_coefficients_reproduce_forward(cls):
+    net = _tiny(cls).eval()
+    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 7.0]), torch.eye(4)[:2]
+    c_skip, c_out, c_in, c_noise = net.coefficients(sigma.reshape(-1, 1, 1, 1))
+    with torch.no_grad():
+        manual = c_skip * x + c_out * net.model(c_in * x, c_noise.flatten(), labels)[:, :3]
+        assert torch.equal(manual, net(x, sigma, labels))
+    if cls is EDMPrecond:
+        expected_noise = sigma.log() / 4
+    elif cls is VEPrecond:
+        expected_noise = (sigma / 2).log()
+    elif cls is VPPrecond:  # (M − 1)·t(σ) with EDM's default β_d = 19.9, β_min = 0.1
+        expected_noise = 999 * ((0.1 ** 2 + 2 * 19.9 * (1 + sigma ** 2).log()).sqrt() - 0.1) / 19.9
+    else:
+        expected_noise = 999 - (sigma[:, None] - net.u[None, :]).abs().argmin(dim=1).float()
+    torch.testing.assert_close(c_noise.flatten(), expected_noise)
+
+
 def test_labels_ignored_without_label_dim_and_defaulted_with_it():
     x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0])
     uncond = _tiny(label_dim=0).eval()
