@@ -59,6 +59,21 @@ class _FlatStorage:
     def __init__(self, data: torch.Tensor):
         self.data = data
 
+    def __setstate__(self, state: Any) -> None:
+        raise _FormatError("BUILD applied to a storage")
+
+
+class _TensorRef:
+    """A rebuilt tensor, wrapped so that a BUILD opcode cannot reach ``torch.Tensor.__setstate__``."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __setstate__(self, state: Any) -> None:
+        raise _FormatError("BUILD applied to a tensor")
+
 
 class _PayloadUnpickler(pickle.Unpickler):
     """Reads the small pickles inside a storage payload: no globals except ``torch.<X>Storage``."""
@@ -140,6 +155,9 @@ class _Persistent:
         self.class_name = class_name
         self.state = state
 
+    def __setstate__(self, state: Any) -> None:  # a BUILD could otherwise rename an already-checked record
+        raise _FormatError("BUILD applied to a persistent object")
+
 
 class _ModuleDictStandIn:
     """Stands in for ``torch.nn.ModuleDict`` (EDM's ``enc``/``dec``): accepts NEWOBJ + BUILD and keeps the dict."""
@@ -148,8 +166,8 @@ class _ModuleDictStandIn:
     class_name = "ModuleDict"
 
     def __setstate__(self, state: Any) -> None:
-        if type(state) is not dict:
-            raise _FormatError(f"ModuleDict state is a {type(state).__name__}, expected a dict")
+        if type(state) is not dict or hasattr(self, "state"):
+            raise _FormatError("malformed ModuleDict state (expected one dict)")
         self.state = state
 
 
@@ -195,7 +213,7 @@ def _check_ints(values: Any, what: str) -> tuple:
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                    hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+                    hooks: Any = None, metadata: Any = None) -> _TensorRef:
     """Safe ``torch._utils._rebuild_tensor_v2``: a strided view of a decoded storage, bounds-checked."""
     if type(storage) is not _FlatStorage or type(offset) is not int or offset < 0:
         raise _FormatError("malformed tensor (storage or offset)")
@@ -205,12 +223,12 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
     numel = storage.data.numel()
     if 0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= numel:
         raise _FormatError(f"tensor of size {size} does not fit its storage of {numel} elements")
-    return storage.data.as_strided(size, stride, offset)
+    return _TensorRef(storage.data.as_strided(size, stride, offset))
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None) -> torch.Tensor:
+def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None) -> _TensorRef:
     """Safe ``_rebuild_parameter[_with_state]``: keep the values only (no hooks, no Python attributes)."""
-    if type(data) is not torch.Tensor:
+    if type(data) is not _TensorRef:
         raise _FormatError("malformed parameter")
     return data
 
@@ -294,6 +312,9 @@ def load_network_pickle(path_or_file: Union[str, os.PathLike, BinaryIO]) -> dict
                 out[key] = _plain(value)
     except _FormatError as exc:
         raise NetworkPickleError(f"{source}: is corrupt: {exc}; expected {_EXPECTED}") from None
+    except RecursionError:
+        raise NetworkPickleError(f"{source}: is corrupt: its module tree is cyclic or absurdly deep; "
+                                 f"expected {_EXPECTED}") from None
     if not isinstance(out["ema"], torch.nn.Module):
         got = out["ema"].class_name if isinstance(out["ema"], InertRecord) else type(out["ema"]).__name__
         raise NetworkPickleError(f"{source}: 'ema' is a {got}; expected one of the preconditioners "
@@ -391,8 +412,8 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in dict.items(value)}
     if type(value) in (list, tuple, set):
         return type(value)(_plain(v) for v in value)
-    if type(value) is torch.Tensor:
-        return value.detach().clone()
+    if type(value) is _TensorRef:
+        return value.tensor.detach()
     if value is None or type(value) in (bool, int, float, str, bytes):
         return value
     raise _FormatError(f"unexpected object of type {type(value).__name__}")
@@ -402,13 +423,15 @@ def _state_dict_of(record: Any, prefix: str, out: dict) -> dict:
     """EDM's state_dict from a record tree: parameters, persistent buffers, then submodules (§5.5)."""
     state = _state_of(record)
     skip = state.get("_non_persistent_buffers_set") or set()
+    if type(skip) not in (set, frozenset, list, tuple):
+        raise _FormatError(f"{prefix or 'network '}_non_persistent_buffers_set is not a set")
     for group in ("_parameters", "_buffers"):
         for name, tensor in dict.items(_as_dict(state.get(group), f"{prefix or 'network '}{group}")):
             if tensor is None or (group == "_buffers" and name in skip):
                 continue
-            if type(tensor) is not torch.Tensor:
+            if type(tensor) is not _TensorRef:
                 raise _FormatError(f"{prefix}{name} is a {type(tensor).__name__}, not a tensor")
-            out[prefix + name] = tensor.detach()
+            out[prefix + name] = tensor.tensor.detach()
     for name, child in dict.items(_as_dict(state.get("_modules"), f"{prefix or 'network '}_modules")):
         if child is None:
             continue
@@ -424,7 +447,7 @@ def _build_network(record: _Persistent, cls: type, source: str, key: str) -> tor
     if type(kwargs) is not dict or not all(type(k) is str for k in kwargs) or record.state.get("_init_args"):
         raise NetworkPickleError(f"{source}: is corrupt: '{key}' ({record.class_name}) has no usable "
                                  "constructor arguments (_init_kwargs)")
-    model = _as_dict(record.state.get("_modules"), "_modules").get("model")
+    model = dict.get(_as_dict(record.state.get("_modules"), "_modules"), "model")
     model_type = kwargs.get("model_type")
     if isinstance(model, _Persistent) and model_type is not None and model.class_name != model_type:
         raise NetworkPickleError(f"{source}: is corrupt: '{key}' says model_type={model_type!r} but holds a "
@@ -432,7 +455,7 @@ def _build_network(record: _Persistent, cls: type, source: str, key: str) -> tor
     try:
         with torch.random.fork_rng(devices=[]):  # construction draws random init we overwrite: keep RNG as is
             net = cls(**kwargs)
-    except (TypeError, ValueError, KeyError, AssertionError) as exc:
+    except Exception as exc:  # whatever our constructors say about arguments from the file
         raise NetworkPickleError(f"{source}: '{key}' ({record.class_name}) cannot be rebuilt from its stored "
                                  f"constructor arguments {kwargs!r:.300}: {exc}") from None
     tensors = _state_dict_of(record, "", {})

@@ -345,3 +345,27 @@ def test_corrupt_records_and_tensors(small_net, tmp_path):
                                                                          collections.OrderedDict()))
     path.write_bytes(dumps(snap))
     assert "does not fit" in _load_error(path)
+
+
+def test_build_opcodes_cannot_rename_records_or_touch_tensors(small_net, tmp_path):
+    """BUILD after a checked record (to rename it) or on a rebuilt tensor is refused as corrupt."""
+    path = tmp_path / "snap.pkl"
+    snap = snapshot(small_net)
+    loss = snap["loss_fn"]
+    snap["loss_fn"] = Reduced(loss.func, loss.args, state=(None, {"class_name": "Exploit"}))
+    path.write_bytes(dumps(snap))
+    assert "BUILD" in _load_error(path)
+    snap = snapshot(small_net)
+    rebuild, args = torch.zeros(4).__reduce_ex__(4)
+    snap["dataset_kwargs"]["t"] = Reduced(rebuild, args, state=(torch.zeros(1), 0, (1,), (1,)))
+    path.write_bytes(dumps(snap))
+    assert "BUILD" in _load_error(path)
+
+
+def test_cyclic_record_tree_is_corrupt_not_a_crash(small_net, tmp_path):
+    snap = snapshot(small_net)
+    state = snap["ema"].args[0]["state"]
+    state["_modules"]["loop"] = persistent("Linear", state)  # a module that contains itself
+    path = tmp_path / "snap.pkl"
+    path.write_bytes(dumps(snap))
+    assert "corrupt" in _load_error(path)
