@@ -1,0 +1,77 @@
+"""`train()`: set up processes and the run directory, resume if asked, run the loop."""
+
+import json
+import os
+import platform
+from typing import Callable, Optional
+
+import torch
+
+from pid.errors import PidError
+from pid.training import distributed as D
+from pid.training.config import TrainConfig
+from pid.training.loop import Trainer
+from pid.training.rundir import CONFIG_FILE, new_run_dir, resolve_resume
+
+__all__ = ["train", "make_run_config"]
+
+
+def make_run_config(config: TrainConfig, method, extra_config: Optional[dict]) -> dict:
+    """What config.json holds: the trainer's fields, the method's settings and the caller's extra fields."""
+    return json.loads(json.dumps({"train": config.to_dict(),
+                                  "method": {"name": method.name, **method.config_dict()},
+                                  "extra": extra_config or {}}))
+
+
+def _decide_run(config: TrainConfig, run_config: dict, dist: D.DistInfo):
+    """Main process picks the run directory (new or resumed) and tells the others; errors reach every rank."""
+    decision, state = None, None
+    if dist.is_main:
+        try:
+            run_dir, path, state = resolve_resume(config.resume, config.outdir, run_config)
+            if run_dir is None:
+                run_dir = new_run_dir(config.outdir, config.desc)
+            decision = ("ok", os.path.abspath(run_dir), path)
+        except PidError as exc:
+            decision = ("error", type(exc), str(exc))
+    decision = D.broadcast_object(decision)
+    if decision[0] == "error":
+        raise decision[1](decision[2])
+    _, run_dir, path = decision
+    if path is not None and state is None:   # other ranks read the state the main process chose
+        from pid.training.checkpoint import read_training_state
+        state = read_training_state(path)
+    return run_dir, path, state
+
+
+def _write_config(run_dir: str, run_config: dict, dist: D.DistInfo) -> None:
+    runtime = {"world_size": dist.world_size, "device": str(dist.device), "torch": torch.__version__,
+               "python": platform.python_version()}
+    with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
+        json.dump({**run_config, "runtime": runtime}, f, indent=2)
+
+
+def train(config: TrainConfig, method, student: torch.nn.Module, *, extra_config: Optional[dict] = None,
+          evaluate: Optional[Callable[[torch.nn.Module], dict]] = None) -> str:
+    """Train `student` with `method` as `config` says; returns the run directory.
+
+    Runs in one process, or in each process started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set; NCCL on
+    CUDA, gloo on CPU). `evaluate(default_ema_student) -> {'metrics': {...}, 'primary': name, 'mode':
+    'min'|'max'}` runs on the main process every `eval_every` steps. SIGINT/SIGTERM save a training state
+    and return normally. Raises ConfigError for inconsistent options or a resume of another configuration.
+    """
+    dist = D.init_distributed(config.device)
+    try:
+        config.validate(dist.world_size)
+        run_config = make_run_config(config, method, extra_config)
+        run_dir, path, state = _decide_run(config, run_config, dist)
+        trainer = Trainer(config, method, student, dist, run_dir, run_config, evaluate)
+        if state is not None:
+            trainer.load_training_state(state)
+            del state
+        elif dist.is_main:
+            _write_config(run_dir, run_config, dist)
+        D.barrier()
+        return trainer.run(fresh=path is None)
+    finally:
+        dist.shutdown()

@@ -1,0 +1,285 @@
+"""The training loop shared by every distillation method.
+
+One optimizer step, in order (see `Trainer.train_step`):
+  1. for each accumulation round r of this process: seed the micro-batch generator from (seed, step, slot),
+     run `method.loss` under autocast, backward `sum(loss_i) / global_batch` (scaled by the GradScaler for fp16);
+  2. sum gradients and logged scalars over processes;
+  3. unscale, measure the global gradient norm; if the loss or the norm is not finite, skip the step (weights,
+     optimizer state and EMAs untouched; fp16's loss scale is lowered);
+  4. otherwise clip, step the optimizer, update the loss scale and the EMAs.
+
+Reduction differs from the reference on purpose: the reference backpropagates the *mean* of each micro-batch
+and lets the gradients add up over micro-batches (then DDP averages over GPUs), so its gradient scale depends
+on how the batch is split. Here the optimized loss is always the mean over the global batch, so one process
+with accumulation, or N processes, give the same step.
+
+Randomness: micro-batch `slot = rank * rounds + r` draws from a generator seeded by hash(seed, step, slot).
+That makes every step a pure function of the weights and the step number, so a resumed run repeats the
+uninterrupted one exactly, and N processes reproduce one process that accumulates N rounds.
+"""
+
+import copy
+import hashlib
+import os
+import signal
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+from pid.training import checkpoint as ckpt
+from pid.training import distributed as D
+from pid.training.config import TrainConfig
+from pid.training.ema import EMAs
+from pid.training.optim import lr_at, make_optimizer, set_lr
+from pid.training.runlog import RunLogger
+from pid.training.samples import write_sample_grid
+from pid.training.state import capture_rng, restore_rng
+
+__all__ = ["Trainer", "step_seed"]
+
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def step_seed(seed: int, step: int, slot: int) -> int:
+    """63-bit seed of micro-batch `slot` at optimizer step `step` (independent streams per step and slot)."""
+    digest = hashlib.sha256(f"pid-train/{seed}/{step}/{slot}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class Trainer:
+    """Owns the student's weights, optimizer, scaler, EMAs and the run directory's files."""
+
+    def __init__(self, config: TrainConfig, method, student: torch.nn.Module, dist: D.DistInfo,
+                 run_dir: str, run_config: dict, evaluate: Optional[Callable[[torch.nn.Module], dict]] = None):
+        self.config, self.method, self.dist = config, method, dist
+        self.run_dir, self.run_config, self.evaluate = run_dir, run_config, evaluate
+        self.device = dist.device
+        self.student = student.to(self.device).train()
+        if hasattr(method, "to"):
+            method.to(self.device)
+        D.broadcast_params_(self.student)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        # Gradients exist for every parameter from the start, so that all processes all-reduce the same
+        # tensors even when a method leaves some parameter unused in a micro-batch.
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        self.emas = EMAs(self.student, config.ema) if dist.is_main else None
+        self.optimizer = make_optimizer(self.params, config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.generator = torch.Generator(device=self.device)
+        self.step, self.nan_skipped, self.best = 0, 0, None
+        self._signal_received = False   # set by the handler in this process
+        self.stop_requested = False     # agreed by all processes (any one received a signal)
+        self._eval_module: Optional[torch.nn.Module] = None
+        self.log: Optional[RunLogger] = None
+
+    # ----------------------------------------------------------------------------------------- one step
+    def _forward_backward(self, round_index: int, rounds: int, micro: int) -> tuple:
+        slot = self.dist.rank * rounds + round_index
+        self.generator.manual_seed(step_seed(self.config.seed, self.step, slot))
+        amp = self.config.precision in _AMP_DTYPES
+        with torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(self.config.precision), enabled=amp):
+            losses, stats = self.method.loss(self.student, micro, self.generator, self.device)
+        losses = losses.float()
+        self.scaler.scale(losses.sum() / self.config.batch).backward()
+        return losses.detach().sum(), stats
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns this step's logged scalars."""
+        cfg, world = self.config, self.dist.world_size
+        rounds, micro = cfg.accum_rounds(world), cfg.micro_batch(world)
+        lr = lr_at(self.step, cfg)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss_sum = torch.zeros((), device=self.device)
+        stat_sums: Dict[str, float] = {}
+        for r in range(rounds):
+            loss, stats = self._forward_backward(r, rounds, micro)
+            loss_sum += loss
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+        D.all_reduce_grads_(self.params)
+        keys = sorted(stat_sums)
+        local = [loss_sum, torch.tensor(float(self._signal_received), device=self.device)]
+        local += [torch.tensor(stat_sums[k], device=self.device) for k in keys]
+        totals = D.all_reduce_sum_(torch.stack([t.float() for t in local])).tolist()
+        self.stop_requested = totals[1] > 0
+        record = {"loss": totals[0] / cfg.batch, "lr": lr}
+        record.update({k: v / (rounds * world) for k, v in zip(keys, totals[2:])})
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params])
+        record["grad_norm"] = float(grad_norm)
+        record["skipped"] = not (torch.isfinite(grad_norm) and torch.isfinite(torch.tensor(totals[0])))
+        self._apply(record["skipped"], grad_norm)
+        if self.scaler.is_enabled():
+            record["loss_scale"] = float(self.scaler.get_scale())
+        self.step += 1
+        record["nan_skipped_total"] = self.nan_skipped
+        return record
+
+    def _apply(self, skip: bool, grad_norm: torch.Tensor) -> None:
+        if skip:
+            self.nan_skipped += 1
+            if self.scaler.is_enabled():
+                self.scaler.update()  # unscale_ recorded the inf: the scale is lowered, nothing is stepped
+            self.optimizer.zero_grad(set_to_none=False)
+            return
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.grad_clip, grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.emas is not None:
+            self.emas.update(self.student)
+
+    # ------------------------------------------------------------------------------------ state & files
+    def training_state(self) -> dict:
+        """Everything an exact resume needs (called on every process: RNG states are gathered)."""
+        rng = D.gather_objects(capture_rng(self.device))
+        return {"step": self.step, "student": self.student.state_dict(),
+                "emas": self.emas.state_dict() if self.emas else {},
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng, "world_size": self.dist.world_size, "config": self.run_config,
+                "nan_skipped": self.nan_skipped, "best": self.best}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore a state written by `training_state` (same configuration checked by the caller)."""
+        self.student.load_state_dict(state["student"])
+        if self.emas is not None:
+            self.emas.load_state_dict(state["emas"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("world_size") == self.dist.world_size:
+            restore_rng(state["rng"][self.dist.rank], self.device)
+        self.step, self.nan_skipped, self.best = state["step"], state.get("nan_skipped", 0), state.get("best")
+
+    def weights_for_export(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{name: state_dict} written to student checkpoints: all EMAs, or the raw weights when there are none."""
+        if self.emas is not None and self.emas.states:
+            return self.emas.state_dict()
+        return {"raw": self.student.state_dict()}
+
+    def export_student(self, path: str, extra: Optional[dict] = None) -> None:
+        """Write a student checkpoint (main process only)."""
+        spec = self.student.export_spec() if hasattr(self.student, "export_spec") else {
+            "class": type(self.student).__name__}
+        weights = self.weights_for_export()
+        default = self.config.default_ema_name() if self.config.default_ema_name() in weights else "raw"
+        if default not in weights:
+            weights = {**weights, "raw": self.student.state_dict()}
+        ckpt.write_student_checkpoint(path, spec, weights, default, self.step,
+                                      {"method": self.method.name, "run_config": self.run_config, **(extra or {})})
+
+    def save_snapshot(self) -> None:
+        """student-<step>.pt and training-state-<step>.pt, then prune old states (collective call)."""
+        state = self.training_state()
+        if self.dist.is_main:
+            self.export_student(ckpt.student_path(self.run_dir, self.step))
+            ckpt.write_training_state(ckpt.state_path(self.run_dir, self.step), state)
+            self._prune_states()
+            self.log.info(f"saved student-{self.step:07d}.pt and training-state-{self.step:07d}.pt")
+        D.barrier()
+
+    def _prune_states(self) -> None:
+        keep = self.config.keep_states
+        if keep:
+            for _, path in list(ckpt.list_states(self.run_dir).items())[:-keep]:
+                os.remove(path)
+
+    def default_student(self) -> torch.nn.Module:
+        """A copy of the student holding the default (EMA) weights, in eval mode (main process only)."""
+        if self._eval_module is None:
+            self._eval_module = copy.deepcopy(self.student).eval().requires_grad_(False)
+        name = self.config.default_ema_name()
+        weights = self.weights_for_export().get(name, self.student.state_dict())
+        self._eval_module.load_state_dict(weights)
+        return self._eval_module
+
+    # -------------------------------------------------------------------------------- grids & evaluation
+    def write_grid(self) -> None:
+        """samples-<step>.png from the default weights on fixed seeds (main process only)."""
+        if self.config.grid_seeds and hasattr(self.student, "generate"):
+            path = os.path.join(self.run_dir, f"samples-{self.step:07d}.png")
+            chunk = self.config.micro_batch(self.dist.world_size)
+            write_sample_grid(self.default_student(), path, self.config.grid_seeds, chunk, self.device)
+
+    def run_evaluation(self) -> None:
+        """Call the evaluator on the default weights; append metrics.jsonl; keep student-best.pt."""
+        result = self.evaluate(self.default_student())
+        metrics, primary, mode = result["metrics"], result.get("primary"), result.get("mode", "min")
+        _append_json(os.path.join(self.run_dir, "metrics.jsonl"), {"step": self.step, **metrics})
+        self.log.info("eval " + " ".join(f"{k} {v:.5g}" for k, v in metrics.items()
+                                          if isinstance(v, (int, float))))
+        if primary in metrics:
+            value = float(metrics[primary])
+            better = self.best is None or (value < self.best["value"] if mode == "min" else value > self.best["value"])
+            if better:
+                self.best = {"step": self.step, "metric": primary, "value": value, "mode": mode}
+                self.export_student(os.path.join(self.run_dir, "student-best.pt"), {"best": self.best})
+                self.log.info(f"new best {primary} {value:.5g}: student-best.pt")
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _due(self, every: int) -> bool:
+        return bool(every) and (self.step % every == 0 or self.step == self.config.steps)
+
+    def run(self, fresh: bool) -> str:
+        """Train until `config.steps` or a SIGINT/SIGTERM; returns the run directory."""
+        cfg = self.config
+        self.log = RunLogger(self.run_dir, cfg.steps, self.step, cfg.log_every, enabled=self.dist.is_main)
+        self.log.info(f"{'starting' if fresh else 'resuming'} at step {self.step} of {cfg.steps}: "
+                      f"{self.dist.world_size} process(es) on {self.device}, global batch {cfg.batch} = "
+                      f"{cfg.micro_batch(self.dist.world_size)} x {cfg.accum_rounds(self.dist.world_size)} "
+                      f"rounds x {self.dist.world_size}, precision {cfg.precision}")
+        if fresh and self.dist.is_main and cfg.grid_every:
+            self.write_grid()
+        old = _install_signal_handlers(self._on_signal)
+        try:
+            while self.step < cfg.steps and not self.stop_requested:
+                self._one_iteration()
+        finally:
+            _restore_signal_handlers(old)
+            self.log.close()
+        return self.run_dir
+
+    def _one_iteration(self) -> None:
+        t0 = time.time()
+        record = self.train_step()
+        self.log.step(self.step, record, self.config.batch, time.time() - t0)
+        if record["skipped"]:
+            self.log.info(f"step {self.step - 1}: non-finite loss or gradient; step skipped "
+                          f"(weights, optimizer and EMAs unchanged; {self.nan_skipped} skipped so far)")
+        if self._due(self.config.snap) or self.stop_requested or self.step == self.config.steps:
+            self.save_snapshot()
+        if self.dist.is_main and self._due(self.config.grid_every):
+            self.write_grid()
+        if self.dist.is_main and self.evaluate is not None and self._due(self.config.eval_every):
+            self.run_evaluation()
+        if self.stop_requested:
+            self.log.info(f"stopped by signal at step {self.step}; continue with --resume=auto "
+                          f"(or --resume={self.run_dir})")
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: the processes agree on stopping at the next step's all-reduce, then save and leave.
+        self._signal_received = True
+
+
+def _install_signal_handlers(handler) -> dict:
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+    return old
+
+
+def _restore_signal_handlers(old: dict) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+def _append_json(path: str, record: dict) -> None:
+    import json
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,113 @@
+"""Run directories (`outdir/NNNNN-<desc>/`, numbered as EDM does) and deciding what a resume continues.
+
+`resume=None` starts a new run directory. `resume='auto'` continues the newest run in `outdir` when it was
+made with the same configuration (a new run starts when `outdir` has no run with a training state yet), and
+refuses with ConfigError when that newest run's configuration differs. `resume=<dir or file>` continues that
+run directory or that exact training-state file, after the same check.
+"""
+
+import json
+import os
+import re
+from typing import List, Optional, Tuple
+
+from pid.errors import CheckpointError, ConfigError
+from pid.training.checkpoint import load_latest_state, read_training_state
+from pid.training.config import trajectory_fields
+
+__all__ = ["list_runs", "new_run_dir", "resolve_resume", "config_differences", "CONFIG_FILE"]
+
+CONFIG_FILE = "config.json"
+_RUN_RE = re.compile(r"^(\d+)-")
+
+
+def list_runs(outdir: str) -> List[Tuple[int, str]]:
+    """[(run id, path)] of the `NNNNN-*` run directories in outdir, oldest first."""
+    if not os.path.isdir(outdir):
+        return []
+    runs = []
+    for name in os.listdir(outdir):
+        m = _RUN_RE.match(name)
+        if m and os.path.isdir(os.path.join(outdir, name)):
+            runs.append((int(m.group(1)), os.path.join(outdir, name)))
+    return sorted(runs)
+
+
+def new_run_dir(outdir: str, desc: str) -> str:
+    """Create and return `outdir/NNNNN-desc` with the next free id."""
+    runs = list_runs(outdir)
+    run_id = runs[-1][0] + 1 if runs else 0
+    path = os.path.join(outdir, f"{run_id:05d}-{desc}")
+    os.makedirs(path, exist_ok=False)
+    return path
+
+
+def _comparable(run_config: dict) -> dict:
+    # Only what changes the weights' trajectory counts: logging cadence, paths and the step budget
+    # (under a constant LR) may change when a run is resumed.
+    return {"train": trajectory_fields(run_config.get("train", {})),
+            "method": run_config.get("method"), "extra": run_config.get("extra")}
+
+
+def _flatten(d, prefix=""):
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(saved: dict, current: dict) -> List[str]:
+    """Human-readable 'key: saved -> now' lines for the trajectory-relevant fields that differ."""
+    a, b = _flatten(_comparable(saved)), _flatten(_comparable(current))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _require_same(saved: dict, current: dict, where: str) -> None:
+    diffs = config_differences(saved, current)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise ConfigError(f"cannot resume {where}: it was trained with a different configuration ({shown}). "
+                          f"Use the original options, or start a new run (another --outdir, or no --resume)")
+
+
+def _read_config(run_dir: str) -> Optional[dict]:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_resume(resume: Optional[str], outdir: str, run_config: dict
+                   ) -> Tuple[Optional[str], Optional[str], Optional[dict]]:
+    """(run_dir, training-state path, its contents) to continue, or (None, None, None) for a new run.
+
+    Raises ConfigError when the run to continue has another configuration, CheckpointError when an explicit
+    path holds no usable training state.
+    """
+    if resume is None:
+        return None, None, None
+    if resume == "auto":
+        runs = list_runs(outdir)
+        if not runs:
+            return None, None, None
+        run_dir = runs[-1][1]
+        saved = _read_config(run_dir)
+        if saved is None:   # a run that died before writing its config: nothing to continue
+            return None, None, None
+        _require_same(saved, run_config, f"{run_dir} (the newest run in {outdir})")
+        latest = load_latest_state(run_dir)
+        return (run_dir, *latest) if latest else (None, None, None)
+    if os.path.isdir(resume):
+        latest = load_latest_state(resume)
+        if latest is None:
+            raise CheckpointError(f"--resume={resume}: no usable training-state-*.pt in that directory")
+        path, state = latest
+    else:
+        path, state = resume, read_training_state(resume)
+    _require_same(state.get("config", {}), run_config, path)
+    return os.path.dirname(os.path.abspath(path)), path, state

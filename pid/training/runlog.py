@@ -1,0 +1,85 @@
+"""What a run tells its user: log.txt (text), stats.jsonl (one JSON record per logged step), a tqdm bar.
+
+Only the main process writes; the others hold a disabled logger so the loop needs no rank checks.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Dict, Optional
+
+from tqdm import tqdm
+
+__all__ = ["RunLogger"]
+
+
+class RunLogger:
+    """Appends to `run_dir/log.txt` and `run_dir/stats.jsonl`; shows a bar with loss, images/s and ETA."""
+
+    def __init__(self, run_dir: Optional[str], total_steps: int, start_step: int, log_every: int,
+                 enabled: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self.log_every = log_every
+        self.start_time = time.time()
+        self._window: Dict[str, float] = {}
+        self._count = 0
+        self._img_per_s: Optional[float] = None
+        if self.enabled:
+            self._log = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
+            self._stats = open(os.path.join(run_dir, "stats.jsonl"), "a", buffering=1)
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def info(self, message: str) -> None:
+        """One timestamped line in log.txt, also shown above the bar."""
+        if self.enabled:
+            line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+            self._log.write(line + "\n")
+            tqdm.write(line)
+
+    def step(self, step: int, record: dict, images: int, seconds: float) -> None:
+        """Account one finished optimizer step (`step` = steps done); flush a stats line every log_every.
+
+        record: scalars of this step ('loss', 'lr', 'grad_norm', method stats, 'skipped', ...).
+        """
+        if not self.enabled:
+            return
+        rate = images / max(seconds, 1e-9)
+        self._img_per_s = rate if self._img_per_s is None else 0.9 * self._img_per_s + 0.1 * rate
+        if not record.get("skipped"):
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "nan_skipped_total":
+                    self._window[k] = self._window.get(k, 0.0) + float(v)
+            self._count += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}", img_s=f"{self._img_per_s:.1f}")
+        if record.get("skipped") or (self.log_every and step % self.log_every == 0):
+            self._flush(step, record, seconds)
+
+    def _flush(self, step: int, record: dict, seconds: float) -> None:
+        # Scalars are averaged over the steps since the last line; the last step's values are kept when
+        # there were no successful steps (a skipped step is always logged as it happened).
+        means = {k: v / self._count for k, v in self._window.items()} if self._count else dict(record)
+        means.pop("skipped", None)
+        out = {"step": step, **means, "skipped": bool(record.get("skipped", False)),
+               "nan_skipped_total": record.get("nan_skipped_total", 0),
+               "sec_per_step": seconds, "img_per_sec": self._img_per_s,
+               "time": time.time() - self.start_time}
+        # Non-finite numbers become null: strict JSON readers (jq, JavaScript) reject NaN.
+        self._stats.write(json.dumps({k: _finite_or_none(v) for k, v in out.items()}) + "\n")
+        text = " ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items())
+        self.info(text)
+        self._window, self._count = {}, 0
+
+    def close(self) -> None:
+        """Close the files and the bar."""
+        if self.enabled:
+            self.bar.close()
+            self._log.close()
+            self._stats.close()
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
