@@ -60,6 +60,14 @@ class SongUNet(torch.nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
+        cout, skips = self._build_encoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks,
+                                          attn_resolutions, encoder_type, resample_filter, init, block_kwargs)
+        self._build_decoder(img_resolution, out_channels, model_channels, channel_mult, num_blocks,
+                            attn_resolutions, decoder_type, resample_filter, init_zero, block_kwargs, cout, skips)
+
+    def _build_encoder(self, img_resolution, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
+                       encoder_type, resample_filter, init, block_kwargs) -> tuple:
+        """Create ``self.enc``; return (its output width, the skip widths the decoder will consume)."""
         self.enc = torch.nn.ModuleDict()
         cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
@@ -83,7 +91,11 @@ class SongUNet(torch.nn.Module):
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
                                                                 **block_kwargs)
         skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
+        return cout, skips
 
+    def _build_decoder(self, img_resolution, out_channels, model_channels, channel_mult, num_blocks,
+                       attn_resolutions, decoder_type, resample_filter, init_zero, block_kwargs, cout, skips) -> None:
+        """Create ``self.dec``, consuming the encoder's skip widths from the end."""
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -171,6 +183,14 @@ class DhariwalUNet(torch.nn.Module):
         self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
                                  init_weight=math.sqrt(label_dim)) if label_dim else None)
 
+        cout, skips = self._build_encoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks,
+                                          attn_resolutions, init, block_kwargs)
+        self._build_decoder(img_resolution, out_channels, model_channels, channel_mult, num_blocks,
+                            attn_resolutions, init_zero, block_kwargs, cout, skips)
+
+    def _build_encoder(self, img_resolution, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
+                       init, block_kwargs) -> tuple:
+        """Create ``self.enc``; return (its output width, the skip widths: every encoder output)."""
         self.enc = torch.nn.ModuleDict()
         cout = in_channels
         for level, mult in enumerate(channel_mult):
@@ -185,7 +205,11 @@ class DhariwalUNet(torch.nn.Module):
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
                                                                 **block_kwargs)
         skips = [block.out_channels for block in self.enc.values()]
+        return cout, skips
 
+    def _build_decoder(self, img_resolution, out_channels, model_channels, channel_mult, num_blocks,
+                       attn_resolutions, init_zero, block_kwargs, cout, skips) -> None:
+        """Create ``self.dec`` and the output layers ``out_norm``/``out_conv``."""
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
