@@ -43,8 +43,8 @@ def keeps_init_kwargs(cls: type) -> type:
             else:
                 recorded[name] = value
         original_init(self, *args, **kwargs)
-        if type(self) is cls:  # a subclass records its own arguments instead
-            self.init_kwargs = copy.deepcopy(recorded)
+        # Set after the body runs, so a decorated subclass (whose wrapper finishes last) records its own call.
+        self.init_kwargs = copy.deepcopy(recorded)
 
     cls.__init__ = __init__
     return cls

@@ -127,3 +127,16 @@ def test_embeddings_layout():
         fourier = L.FourierEmbedding(8, scale=2)
     assert list(fourier.state_dict()) == ["freqs"] and fourier.freqs.shape == (4,)
     torch.testing.assert_close(fourier(x)[1, 4:], torch.sin(1.5 * 2 * math.pi * fourier.freqs))
+
+
+def test_init_kwargs_of_subclasses():
+    class Plain(L.Linear):  # undecorated subclass: keeps the recorded Linear call
+        pass
+
+    @L.keeps_init_kwargs
+    class Wide(L.Linear):
+        def __init__(self, width: int):
+            super().__init__(in_features=width, out_features=2 * width)
+
+    assert Plain(3, 4).init_kwargs == dict(in_features=3, out_features=4)
+    assert Wide(5).init_kwargs == dict(width=5)
