@@ -270,11 +270,12 @@ def test_ema_follows_the_formula():
         for p in student.parameters():
             p.add_(1.0)
         student.calls.fill_(7)
+        student.running.fill_(3.0)
     emas.update(student)
     for name, beta in (("0.5", 0.5), ("0.9", 0.9)):
         w = emas.states[name]["net.0.weight"]
         assert torch.allclose(w, beta * start["net.0.weight"] + (1 - beta) * (start["net.0.weight"] + 1))
-        assert emas.states[name]["calls"].item() == 7
+        assert emas.states[name]["calls"].item() == 7 and emas.states[name]["running"].tolist() == [3.0, 3.0]
 
 
 def test_lr_schedule():
@@ -283,3 +284,22 @@ def test_lr_schedule():
     assert values[0] == pytest.approx(0.25) and values[3] == pytest.approx(0.7)
     assert values[9] == pytest.approx(0.1) and all(v > 0 for v in values)
     assert all(lr_at(s, TrainConfig(lr=0.5)) == 0.5 for s in (0, 5, 999))
+
+
+def test_raw_weights_only_when_no_ema(tmp_path):
+    run_dir = train(toy_config(str(tmp_path), steps=2, ema=(), default_ema=None), ToyMethod(), ToyStudent())
+    student = read_student_checkpoint(ckpt.student_path(run_dir, 2))
+    assert list(student["emas"]) == ["raw"] and student["default_ema"] == "raw"
+    assert_same_tensors(student["emas"]["raw"], final_state(run_dir)["student"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cuda_paths(tmp_path, precision):
+    method = ToyMethod(nan_at_call=1)
+    run_dir = train(toy_config(str(tmp_path), steps=3, precision=precision, device="cuda", grid_every=3,
+                               grid_seeds=4), method, ToyStudent())
+    state = final_state(run_dir)
+    assert state["nan_skipped"] == 1 and torch.isfinite(state["student"]["net.0.weight"]).all()
+    assert "cuda" in state["rng"][0]
+    assert os.path.exists(os.path.join(run_dir, "samples-0000003.png"))

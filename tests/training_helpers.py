@@ -26,7 +26,8 @@ class ToyStudent(torch.nn.Module):
         self.width = width
         self.net = torch.nn.Sequential(torch.nn.Conv2d(1, width, 3, padding=1), torch.nn.SiLU(),
                                        torch.nn.Conv2d(width, 1, 3, padding=1))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))  # a non-float buffer, copied by EMAs
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))  # buffers are copied by EMAs,
+        self.register_buffer("running", torch.zeros(2))                     # float ones included
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

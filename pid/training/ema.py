@@ -2,7 +2,7 @@
 
 As in the reference, every EMA starts from the student's initial weights (the teacher's, for PID) and is
 updated after every successful optimizer step, with no warm-up: ema <- beta * ema + (1 - beta) * weights.
-Buffers (e.g. running statistics) are copied, not averaged.
+Buffers (e.g. running statistics, step counters) are copied from the module, not averaged.
 """
 
 from typing import Dict, Sequence
@@ -26,14 +26,16 @@ class EMAs:
     def update(self, module: torch.nn.Module) -> None:
         """Move every EMA one step toward the module's current weights."""
         current = module.state_dict()
+        params = {k for k, _ in module.named_parameters()}
+        averaged = [k for k in current if k in params and current[k].is_floating_point()]
+        copied = [k for k in current if k not in averaged]
         for name, beta in self.betas.items():
             state = self.states[name]
-            averaged = [k for k, v in current.items() if v.is_floating_point()]
-            torch._foreach_lerp_([state[k] for k in averaged], [current[k].detach() for k in averaged],
-                                 1.0 - beta)
-            for k, v in current.items():
-                if not v.is_floating_point():
-                    state[k].copy_(v)
+            if averaged:
+                torch._foreach_lerp_([state[k] for k in averaged], [current[k].detach() for k in averaged],
+                                     1.0 - beta)
+            for k in copied:
+                state[k].copy_(current[k])
 
     def state_dict(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """The EMA weights themselves (live tensors; copy before mutating)."""

@@ -34,7 +34,7 @@ from pid.training.ema import EMAs
 from pid.training.optim import lr_at, make_optimizer, set_lr
 from pid.training.runlog import RunLogger
 from pid.training.samples import write_sample_grid
-from pid.training.state import capture_rng, restore_rng
+from pid.training.state import capture_rng, restore_rng, seed_process
 
 __all__ = ["Trainer", "step_seed"]
 
@@ -68,6 +68,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.generator = torch.Generator(device=self.device)
+        seed_process(config.seed, dist.rank)
         self.step, self.nan_skipped, self.best = 0, 0, None
         self._signal_received = False   # set by the handler in this process
         self.stop_requested = False     # agreed by all processes (any one received a signal)
@@ -191,6 +192,8 @@ class Trainer:
         """A copy of the student holding the default (EMA) weights, in eval mode (main process only)."""
         if self._eval_module is None:
             self._eval_module = copy.deepcopy(self.student).eval().requires_grad_(False)
+            for p in self._eval_module.parameters():
+                p.grad = None   # deepcopy copied the training gradients; the copy never needs them
         name = self.config.default_ema_name()
         weights = self.weights_for_export().get(name, self.student.state_dict())
         self._eval_module.load_state_dict(weights)
@@ -261,6 +264,9 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         # Only a flag: the processes agree on stopping at the next step's all-reduce, then save and leave.
+        # A second signal means "now": give up on saving (e.g. a step that hangs).
+        if self._signal_received:
+            raise KeyboardInterrupt
         self._signal_received = True
 
 

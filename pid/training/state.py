@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["capture_rng", "restore_rng"]
+__all__ = ["capture_rng", "restore_rng", "seed_process"]
 
 
 def capture_rng(device: torch.device) -> dict:
@@ -41,3 +41,12 @@ def _to_lists(obj):
 
 def _to_tuples(obj):
     return tuple(_to_tuples(x) for x in obj) if isinstance(obj, list) else obj
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Give each process its own reproducible global streams (dropout differs across ranks, repeats across
+    runs). A resumed run then overwrites them with the saved states."""
+    s = (seed * 1_000_003 + rank) % (1 << 31)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
