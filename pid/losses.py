@@ -205,6 +205,13 @@ class PIDObjective:
         self.distance = make_distance(self.distance_config, device)
         self.grid = karras_grid(self.num_steps, self.sigma_min, self.sigma_max, self.rho).float()
 
+    def to(self, device: torch.device | str) -> "PIDObjective":
+        """Move the teacher and the distance network (LPIPS) to `device` (the trainer calls this)."""
+        self.teacher.to(device)
+        if isinstance(self.distance, nn.Module):
+            self.distance.to(device)
+        return self
+
     def config_dict(self) -> dict:
         """JSON-able description; a resumed run must have the same one."""
         return {"name": self.name, "discretization": self.num_steps, "sigma_min": self.sigma_min,

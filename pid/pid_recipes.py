@@ -1,0 +1,79 @@
+"""Settings of a PID run: the method's dataclass and the named recipes `train_pid.py` starts from.
+
+A recipe is a dict of option values (CLI names with underscores). The run's settings are: the embedded default,
+updated by `--preset`, updated by every option given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from pid.errors import ConfigError
+
+__all__ = ["PIDConfig", "EDM_PRETRAINED", "DEFAULT_RECIPE", "PRESETS", "resolve_options", "pid_config_from"]
+
+EDM_PRETRAINED = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+
+
+@dataclass
+class PIDConfig:
+    """PID-specific settings (the generic ones are pid.training.TrainConfig)."""
+    teacher: str = "builtin:glyphs16"      # EDM pickle path/URL or builtin:<name>
+    student_preset: Optional[str] = None   # network preset for teachers without a network (None: by resolution)
+    discretization: int = 250              # N, points of the Karras grid
+    rho: float = 7.0
+    sigma_min: Optional[float] = None      # None: the teacher's, clipped to [0.002, 80]
+    sigma_max: Optional[float] = None
+    loss: str = "lpips"
+    huber_c: Optional[float] = None
+    lpips_resize: int = 224
+    lpips_vgg: Optional[str] = None
+    eval_num: int = 1000                   # images per evaluation
+    fid_ref: Optional[str] = None          # FID reference statistics (.npz path/URL) for EDM teachers
+    detector: Optional[str] = None         # feature network for FID (None: EDM's Inception URL)
+
+
+# The embedded default: distil the built-in glyph teacher on a CPU in minutes with a distance that needs no
+# download. Tuned so that the one-step student matches the exact ODE endpoint's mixture component (see BENCHMARKS).
+DEFAULT_RECIPE: dict = dict(
+    teacher="builtin:glyphs16", student_preset=None, discretization=16, loss="l2",
+    steps=600, batch=32, lr=2e-3, optimizer="radam", precision="fp32", ema="0.99,0.999", default_ema=0.99,
+    warmup=0, grad_clip=None, snap=200, grid_every=200, grid_seeds=64, log_every=10, eval_every=600, eval_num=500,
+)
+
+# The reference recipes (docs/pid.md §(c)): they follow the released scripts (no gradient clipping; CIFAR-10 in
+# fp32), not the paper's Table 6, which lists clipping and FP16 for both; pass --grad-clip / --precision for that.
+PRESETS: dict[str, dict] = {
+    "cifar10": dict(teacher=EDM_PRETRAINED + "edm-cifar10-32x32-uncond-vp.pkl", discretization=250, loss="lpips",
+                    steps=800_000, batch=512, batch_gpu=None, lr=2e-4, optimizer="radam", precision="fp32",
+                    ema="0.999,0.9999,0.99995", default_ema=0.99995, warmup=0, grad_clip=None, snap=10_000,
+                    grid_every=10_000, log_every=100, eval_every=0, eval_num=50_000,
+                    fid_ref="https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"),
+    "imagenet64": dict(teacher=EDM_PRETRAINED + "edm-imagenet-64x64-cond-adm.pkl", discretization=250, loss="lpips",
+                       steps=400_000, batch=2048, batch_gpu=32, lr=1e-4, optimizer="radam", precision="fp16",
+                       ema="0.999,0.9999,0.99995", default_ema=0.99995, warmup=0, grad_clip=None, snap=10_000,
+                       grid_every=10_000, log_every=100, eval_every=0, eval_num=50_000,
+                       fid_ref="https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz"),
+}
+
+
+def resolve_options(preset: Optional[str], given: dict) -> dict:
+    """Merge: embedded default ← preset ← options given explicitly (None means "not given")."""
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown --preset={preset!r}; choose one of {', '.join(PRESETS)}")
+    opts = dict(DEFAULT_RECIPE)
+    if preset is not None:
+        opts.update(PRESETS[preset])
+    elif given.get("teacher") is not None and not str(given["teacher"]).startswith("builtin:"):
+        # An EDM teacher without a preset: the reference's settings (as --preset=cifar10), not the toy ones.
+        opts.update({k: v for k, v in PRESETS["cifar10"].items() if k not in ("teacher", "fid_ref")})
+    opts.update({k: v for k, v in given.items() if v is not None})
+    return opts
+
+
+def pid_config_from(opts: dict) -> PIDConfig:
+    """The PIDConfig fields of a merged option dict."""
+    names = {f.name for f in dataclasses.fields(PIDConfig)}
+    return PIDConfig(**{k: v for k, v in opts.items() if k in names})

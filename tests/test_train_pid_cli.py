@@ -1,0 +1,94 @@
+"""train_pid.py: bad input gives one clear line and a non-zero exit; tiny end-to-end runs (also under torchrun)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, REPO_ROOT)
+import train_pid  # noqa: E402
+
+TINY = ["--student-preset=tiny", "--teacher=builtin:glyphs16", "--batch=4", "--discretization=8", "--grid-every=0",
+        "--eval-every=0", "--log-every=1"]
+
+
+def run_cli(args):
+    result = CliRunner().invoke(train_pid.main, args)
+    assert "Traceback" not in result.output
+    return result
+
+
+def assert_user_error(result, *needles):
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # handled, not a crash
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    out = str(tmp_path / "runs")
+    assert_user_error(run_cli([f"--outdir={out}", f"--teacher={tmp_path}/missing.pkl"]), "not found", "missing.pkl")
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(os.urandom(200))
+    assert_user_error(run_cli([f"--outdir={out}", f"--teacher={corrupt}"]), "corrupt.pkl")
+    assert_user_error(run_cli([f"--outdir={out}", "--loss=l3"]), "Invalid value for '--loss'", "lpips")
+    assert_user_error(run_cli([f"--outdir={out}", "--preset=cifar100"]), "Invalid value for '--preset'", "cifar10")
+    assert_user_error(run_cli([f"--outdir={out}", *TINY, "--steps=1", "--batch=6", "--batch-gpu=4"]),
+                      "--batch-gpu=4 does not divide")
+    assert_user_error(run_cli([f"--outdir={out}", "--student-preset=huge"]), "unknown student preset 'huge'")
+    assert_user_error(run_cli([f"--outdir={out}", "--ema=0.9,x"]), "--ema expects comma-separated numbers")
+
+
+def test_presets_merge_with_explicit_options():
+    result = run_cli(["--preset=imagenet64", "--lr=3e-4", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(" = ", 1) for line in result.output.strip().splitlines())
+    assert lines["lr"] == "0.0003" and lines["batch"] == "2048" and lines["precision"] == "fp16"
+    assert lines["loss"] == "lpips" and lines["discretization"] == "250"
+    assert lines["teacher"].endswith("edm-imagenet-64x64-cond-adm.pkl")
+    default = dict(line.split(" = ", 1) for line in run_cli(["--dry-run"]).output.strip().splitlines())
+    assert default["teacher"] == "builtin:glyphs16" and default["loss"] in ("l2", "l1", "pseudo-huber")
+
+
+def test_tiny_run_end_to_end_and_resume_checks(tmp_path):
+    from pid.student import load_student
+    out = str(tmp_path / "runs")
+    result = run_cli([f"--outdir={out}", *TINY, "--steps=2", "--snap=2"])
+    assert result.exit_code == 0, result.output
+    (run,) = os.listdir(out)
+    files = os.listdir(os.path.join(out, run))
+    assert {"config.json", "log.txt", "stats.jsonl", "student-0000002.pt"} <= set(files)
+    config = json.load(open(os.path.join(out, run, "config.json")))
+    assert config["method"]["name"] == "pid" and config["method"]["discretization"] == 8
+    student = load_student(os.path.join(out, run, "student-0000002.pt"))
+    images = student.generate(torch.randn(3, 3, 16, 16), torch.eye(10)[[0, 4, 9]])
+    assert images.shape == (3, 3, 16, 16) and float(images.abs().max()) <= 1
+    # Resuming with another configuration is refused with a clear message.
+    other = run_cli([f"--outdir={out}", *TINY, "--steps=4", "--resume=auto", "--discretization=9"])
+    assert_user_error(other)
+    # The same configuration continues the run.
+    again = run_cli([f"--outdir={out}", *TINY, "--steps=3", "--snap=1", "--resume=auto"])
+    assert again.exit_code == 0, again.output
+    assert os.listdir(out) == [run] and "student-0000003.pt" in os.listdir(os.path.join(out, run))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on CPU")
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    out = str(tmp_path / "runs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO_ROOT, "train_pid.py"), f"--outdir={out}", *TINY, "--steps=2", "--snap=2",
+           "--device=cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (run,) = os.listdir(out)
+    assert "student-0000002.pt" in os.listdir(os.path.join(out, run))
+    bad = subprocess.run(cmd[:-3] + ["--steps=1", "--batch=3", "--device=cpu"], env=env, capture_output=True,
+                         text=True, timeout=240, cwd=REPO_ROOT)
+    assert bad.returncode != 0 and "not divisible by the number of processes (2)" in bad.stderr + bad.stdout
