@@ -1,6 +1,7 @@
 """Test helpers for pid.metrics and fid.py: small TorchScript detectors of the real formats, PNG folders."""
 
 import os
+import warnings
 from typing import Iterable
 
 import numpy as np
@@ -60,7 +61,9 @@ class TinyInception(torch.nn.Module):
 
 def save_torchscript(module: torch.nn.Module, path: str) -> str:
     """Script `module` and save it as a TorchScript archive at `path`."""
-    torch.jit.script(module.eval()).save(path)
+    with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the format is what we test
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(module.eval()).save(path)
     return path
 
 

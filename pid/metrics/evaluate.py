@@ -15,7 +15,8 @@ import torch
 from pid.errors import ConfigError
 from pid.metrics.inception import load_detector
 from pid.metrics.stats import StatsAccumulator, frechet_distance, inception_score, load_stats
-from pid.seeds import StackedRandomGenerator, split_seeds
+from pid.metrics.features import gather_rows, rank_batches
+from pid.seeds import StackedRandomGenerator
 
 __all__ = ["make_evaluator", "seed_inputs"]
 
@@ -66,8 +67,9 @@ class _Evaluator:
             self.ref_mu, self.ref_sigma = load_stats(fid_ref)
             self.detector = load_detector(detector, device)
 
-    def _batches(self, rank, world):
-        return split_seeds(self.seeds, self.batch, rank, world)
+    def _batches(self, rank, world) -> List[List[int]]:
+        """This rank's seed batches: EDM's split of the seed list (same as fid.py and generate.py)."""
+        return [[self.seeds[i] for i in idx] for idx in rank_batches(len(self.seeds), self.batch, rank, world)]
 
     def __call__(self, generator) -> Dict:
         device = torch.device(self.device) if self.device is not None else \
@@ -101,8 +103,7 @@ class _Evaluator:
         mu, sigma = acc.mu_sigma()
         metrics = {"fid": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)}
         if self.detector.has_probs:
-            from pid.metrics.features import _gather_rows
-            all_probs = _gather_rows(probs, order, len(self.seeds)) if world > 1 else np.concatenate(probs)
+            all_probs = gather_rows(probs, order, len(self.seeds)) if world > 1 else np.concatenate(probs)
             if len(all_probs) >= self.splits:
                 metrics["is"], metrics["is_std"] = inception_score(all_probs, self.splits)
         return metrics

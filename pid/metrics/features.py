@@ -15,7 +15,7 @@ from pid.errors import DataError, PidError
 from pid.metrics.inception import Detector
 from pid.metrics.stats import StatsAccumulator
 
-__all__ = ["dist_info", "rank_batches", "compute_statistics"]
+__all__ = ["dist_info", "rank_batches", "gather_rows", "compute_statistics"]
 
 
 def dist_info():
@@ -42,7 +42,7 @@ def _reraise_clean(exc: PidError):
     raise type(exc)(message) from None
 
 
-def _gather_rows(rows: List[np.ndarray], indices: List[int], n: int) -> Optional[np.ndarray]:
+def gather_rows(rows: List[np.ndarray], indices: List[int], n: int) -> Optional[np.ndarray]:
     """All ranks' per-image rows (e.g. class probabilities) in image order; on one process just the rows."""
     import torch.distributed as dist
     local = (indices, np.concatenate(rows) if rows else None)
@@ -97,4 +97,4 @@ def compute_statistics(detector: Detector, dataset: torch.utils.data.Dataset, *,
             acc.all_reduce(int(dim.item()))
         mu, sigma = acc.mu_sigma()
     n = len(dataset)
-    return dict(mu=mu, sigma=sigma, n=n, probs=_gather_rows(probs, done, n) if with_probs else None)
+    return dict(mu=mu, sigma=sigma, n=n, probs=gather_rows(probs, done, n) if with_probs else None)

@@ -61,10 +61,10 @@ class ImageSet(torch.utils.data.Dataset):
         if num is not None and len(files) < num:
             raise DataError(f"Found {len(files)} images in '{path}', but --num asks for {num}: generate more "
                             f"images or lower --num.")
-        if len(files) < 2:
-            raise DataError(f"Found {len(files)} images in '{path}', but statistics need at least 2 (a file counts "
-                            f"as an image when PIL knows its extension, e.g. .png, .jpg).")
         self.files = [files[i] for i in select_subset(len(files), num if num is not None else len(files), seed)]
+        if len(self.files) < 2:
+            raise DataError(f"Found {len(self.files)} images in '{path}' (after --num), but statistics need at "
+                            f"least 2; a file counts as an image when PIL knows its extension (.png, .jpg, ...).")
         self._zip = None
         self.shape = tuple(self._load(0).shape)
 

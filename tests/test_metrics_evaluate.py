@@ -1,0 +1,105 @@
+"""pid.metrics.evaluate: the training-time evaluator (FID/IS on fixed seeds, exact metrics for analytic teachers)."""
+
+import numpy as np
+import pytest
+import torch
+
+import pid.exact_eval
+from metrics_helpers import TinyInception, save_torchscript
+from pid.errors import CheckpointError, ConfigError
+from pid.metrics import ImageSet, compute_statistics, load_detector, save_stats
+from pid.metrics.evaluate import make_evaluator, seed_inputs
+from pid.toy import GaussianMixtureTeacher
+
+
+class ToyStudent(torch.nn.Module):
+    """A 'student' with the student API: generate(latents, labels) -> images in [-1, 1]."""
+
+    def __init__(self, scale: float = 0.5, label_dim: int = 0, channels: int = 3, res: int = 8):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+        self.label_dim, self.img_channels, self.img_resolution = label_dim, channels, res
+        self.calls = []
+
+    def generate(self, latents, class_labels=None):
+        self.calls.append((latents.shape[0], None if class_labels is None else class_labels.argmax(1).tolist()))
+        return torch.tanh(latents * self.scale)
+
+
+def _teacher():
+    g = torch.Generator().manual_seed(0)
+    means = torch.rand([4, 3, 4, 4], generator=g, dtype=torch.float64) * 2 - 1
+    return GaussianMixtureTeacher(means, torch.tensor([0, 0, 1, 1]), std=0.1, label_dim=2)
+
+
+class OracleStudent(torch.nn.Module):
+    """Returns the teacher's own reference endpoints: exact metrics must be perfect."""
+
+    def __init__(self, teacher, offset: float = 0.0):
+        super().__init__()
+        self.teacher, self.offset = teacher, offset
+        self.label_dim, self.img_channels, self.img_resolution = 2, 3, 4
+
+    def generate(self, latents, class_labels=None):
+        return pid.exact_eval.reference_endpoints(self.teacher, latents, class_labels, num_steps=64) + self.offset
+
+
+def test_seed_inputs_depend_only_on_the_seed():
+    z, c = seed_inputs([3, 4, 5], [3, 4, 4], 10, torch.device("cpu"))
+    z2, c2 = seed_inputs([5], [3, 4, 4], 10, torch.device("cpu"))
+    torch.testing.assert_close(z[2:], z2)
+    torch.testing.assert_close(c[2:], c2)
+    assert c.shape == (3, 10) and torch.all(c.sum(1) == 1)
+    g = torch.Generator().manual_seed(4)  # EDM order: latents first, then the label draw, same generator
+    torch.testing.assert_close(z[1], torch.randn([3, 4, 4], generator=g))
+    assert int(c[1].argmax()) == int(torch.randint(10, size=[], generator=g))
+
+
+def test_exact_metrics_for_builtin_teacher(monkeypatch):
+    teacher = _teacher()
+    calls = []
+    real = pid.exact_eval.reference_endpoints
+    monkeypatch.setattr(pid.exact_eval, "reference_endpoints",
+                        lambda t, z, c=None, num_steps=512: calls.append(len(z)) or real(t, z, c, num_steps=64))
+    evaluate = make_evaluator(teacher, num=6, fid_ref=None, batch=4)
+    perfect = evaluate(OracleStudent(teacher))
+    assert perfect["primary"] == "rmse" and perfect["mode"] == "min"
+    m = perfect["metrics"]
+    assert m["rmse"] < 1e-12 and m["component_accuracy"] == 1.0
+    assert set(m) >= {"rmse", "component_accuracy", "log_likelihood", "data_log_likelihood"}
+    worse = evaluate(OracleStudent(teacher, offset=0.3))["metrics"]
+    assert worse["rmse"] == pytest.approx(0.3, rel=1e-9) and worse["log_likelihood"] < m["log_likelihood"]
+    # EDM's split of 6 seeds at batch 4: 2 batches of 3; references once (cached) + one oracle pass per call
+    assert calls == [3] * 6
+    again = make_evaluator(teacher, num=6, fid_ref=None, batch=6)(OracleStudent(teacher, offset=0.3))["metrics"]
+    assert again == pytest.approx(worse, rel=1e-12)  # batch size does not change which noise a seed gets
+
+
+def test_fid_evaluator_matches_fid_of_written_images(tmp_path):
+    from pid.images import save_pngs, to_uint8
+    det_path = save_torchscript(TinyInception(dim=16, classes=10), str(tmp_path / "inc.pt"))
+    student = ToyStudent(scale=0.7, label_dim=3)
+    latents, labels = seed_inputs(list(range(24)), [3, 8, 8], 3, torch.device("cpu"))
+    save_pngs(to_uint8(student.generate(latents, labels)), list(range(24)), str(tmp_path / "imgs"))
+    det = load_detector(det_path, "cpu")
+    stats = compute_statistics(det, ImageSet(str(tmp_path / "imgs")), batch=5, progress=False)
+    ref = save_stats(str(tmp_path / "ref.npz"), stats["mu"], stats["sigma"])
+    student.train()
+    result = make_evaluator(None, num=24, fid_ref=ref, detector=det_path, batch=7, device="cpu")(student)
+    assert result["primary"] == "fid" and result["mode"] == "min" and student.training  # mode restored
+    assert abs(result["metrics"]["fid"]) < 1e-6 * np.trace(stats["sigma"])
+    assert 1.0 <= result["metrics"]["is"] <= 10 and "is_std" in result["metrics"]
+    assert [n for n, _ in student.calls[1:]] == [6, 6, 6, 6]  # EDM's split: ceil(24/7) near-equal batches
+    assert sum((lab for _, lab in student.calls[1:]), []) == labels.argmax(1).tolist()
+    evaluate = make_evaluator(None, num=24, fid_ref=ref, detector=det_path, device="cpu")
+    other = evaluate(ToyStudent(scale=3.0, label_dim=3))
+    assert other["metrics"]["fid"] > 0.01 * np.trace(stats["sigma"])
+
+
+def test_evaluator_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--fid-ref"):
+        make_evaluator(torch.nn.Identity(), num=8, fid_ref=None)
+    with pytest.raises(CheckpointError):
+        make_evaluator(torch.nn.Identity(), num=8, fid_ref=str(tmp_path / "missing.npz"))
+    with pytest.raises(ConfigError, match="at least 2"):
+        make_evaluator(_teacher(), num=1, fid_ref=None)
