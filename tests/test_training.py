@@ -70,7 +70,16 @@ def test_two_process_step_equals_single_process_step(tmp_path):
 
 
 # -------------------------------------------------------------------------------- kill and resume
-def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Bit-exact CPU results need the same intra-op thread count in every run (the killed child uses 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path, one_thread):
     steps = 6
     reference = train(toy_config(str(tmp_path / "ref"), steps=steps), ToyMethod(), ToyStudent())
     outdir, marker = str(tmp_path / "killed"), str(tmp_path / "hanging")
