@@ -91,7 +91,8 @@ class ImageSet(torch.utils.data.Dataset):
                     img = img.convert("RGB")
                 array = np.array(img, dtype=np.uint8)
         except (OSError, ValueError) as exc:
-            raise DataError(f"Cannot read image '{name}' in '{self.path}' ({exc}).") from None
+            raise DataError(f"Cannot read image '{name}' in '{self.path}': not a valid image file "
+                            f"({type(exc).__name__}). Remove or replace it.") from None
         array = array[:, :, None] if array.ndim == 2 else array
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 

@@ -88,7 +88,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    shapes_ok = mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2
+    if not shapes_ok:
         raise DataError(f"Statistics do not match: mu {list(mu1.shape)} / {list(mu2.shape)}, sigma "
                         f"{list(sigma1.shape)} / {list(sigma2.shape)}; both sets must come from the same detector.")
     mean_term = np.square(mu1 - mu2).sum()
