@@ -17,7 +17,7 @@ from pid.training import (TrainConfig, is_student_checkpoint, load_latest_state,
 from pid.training import checkpoint as ckpt
 from pid.training.ema import EMAs
 from pid.training.optim import lr_at
-from training_helpers import ToyMethod, ToyStudent, ddp_worker, run_toy, toy_config
+from training_helpers import ToyMethod, ToyStudent, ddp_worker, ddp_worker_reporting, run_toy, toy_config
 
 
 def final_state(run_dir: str) -> dict:
@@ -67,6 +67,27 @@ def test_two_process_step_equals_single_process_step(tmp_path):
     assert not torch.equal(a["student"]["net.0.weight"], ToyStudent().state_dict()["net.0.weight"])
     # Same micro-batches (slots 0..3) in both; only the order of the gradient sum differs.
     assert_same_tensors(learned_state(a), learned_state(b), exact=False)
+
+
+@pytest.mark.parametrize("bad", [{"batch": 7}, {"lr": 0.02, "resume": "auto"}])
+def test_two_process_errors_reach_every_rank(tmp_path, bad):
+    # Every rank must raise (a rank left waiting in a collective would hang the job until its timeout).
+    outdir = str(tmp_path)
+    train(toy_config(outdir, steps=1, batch=8), ToyMethod(), ToyStudent())
+    port, reports = free_port(), str(tmp_path / "report")
+    procs = [mp.get_context("fork").Process(target=ddp_worker_reporting,
+                                            args=(rank, 2, port, outdir, {"steps": 1, "batch": 8, **bad}, reports))
+             for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank did not finish"
+    for rank in range(2):
+        assert open(f"{reports}-{rank}.txt").read().startswith("ConfigError")
 
 
 # -------------------------------------------------------------------------------- kill and resume

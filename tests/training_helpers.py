@@ -90,6 +90,17 @@ def ddp_worker(rank: int, world: int, port: int, outdir: str, overrides: dict) -
     train(toy_config(outdir, **overrides), ToyMethod(), ToyStudent())
 
 
+def ddp_worker_reporting(rank: int, world: int, port: int, outdir: str, overrides: dict, report: str) -> None:
+    """Like ddp_worker, but writes '<ExceptionType>: message' (or 'ok') to `report-<rank>.txt`."""
+    try:
+        ddp_worker(rank, world, port, outdir, overrides)
+        outcome = "ok"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    with open(f"{report}-{rank}.txt", "w") as f:
+        f.write(outcome)
+
+
 def run_toy(outdir: str, steps: int, hang_at_call: Optional[int] = None, marker: Optional[str] = None) -> str:
     """One toy run with resume='auto' (the SIGKILL test runs this in a child process and kills it)."""
     torch.set_num_threads(1)

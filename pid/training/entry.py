@@ -25,7 +25,7 @@ def make_run_config(config: TrainConfig, method, extra_config: Optional[dict]) -
 
 def _decide_run(config: TrainConfig, run_config: dict, dist: D.DistInfo):
     """Main process picks the run directory (new or resumed) and tells the others; errors reach every rank."""
-    decision, state = None, None
+    decision, state, failure = None, None, None
     if dist.is_main:
         try:
             run_dir, path, state = resolve_resume(config.resume, config.outdir, run_config)
@@ -34,9 +34,15 @@ def _decide_run(config: TrainConfig, run_config: dict, dist: D.DistInfo):
             decision = ("ok", os.path.abspath(run_dir), path)
         except PidError as exc:
             decision = ("error", type(exc), str(exc))
+        except Exception as exc:  # e.g. an unwritable outdir: the others must not wait for rank 0 forever
+            decision, failure = ("crash", None, f"{type(exc).__name__}: {exc}"), exc
     decision = D.broadcast_object(decision)
+    if failure is not None:
+        raise failure
     if decision[0] == "error":
         raise decision[1](decision[2])
+    if decision[0] == "crash":
+        raise RuntimeError(f"rank 0 could not set up the run directory ({decision[2]})")
     _, run_dir, path = decision
     if path is not None and state is None:   # other ranks read the state the main process chose
         from pid.training.checkpoint import read_training_state
