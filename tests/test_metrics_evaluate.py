@@ -1,5 +1,10 @@
 """pid.metrics.evaluate: the training-time evaluator (FID/IS on fixed seeds, exact metrics for analytic teachers)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -26,14 +31,14 @@ class ToyStudent(torch.nn.Module):
         return torch.tanh(latents * self.scale)
 
 
-def _teacher():
+def teacher_for_tests():
     g = torch.Generator().manual_seed(0)
     means = torch.rand([4, 3, 4, 4], generator=g, dtype=torch.float64) * 2 - 1
     return GaussianMixtureTeacher(means, torch.tensor([0, 0, 1, 1]), std=0.1, label_dim=2)
 
 
 class OracleStudent(torch.nn.Module):
-    """Returns the teacher's own reference endpoints: exact metrics must be perfect."""
+    """Returns the teacher's own reference endpoints (+ offset): with offset 0 exact metrics must be perfect."""
 
     def __init__(self, teacher, offset: float = 0.0):
         super().__init__()
@@ -56,7 +61,7 @@ def test_seed_inputs_depend_only_on_the_seed():
 
 
 def test_exact_metrics_for_builtin_teacher(monkeypatch):
-    teacher = _teacher()
+    teacher = teacher_for_tests()
     calls = []
     real = pid.exact_eval.reference_endpoints
     monkeypatch.setattr(pid.exact_eval, "reference_endpoints",
@@ -102,4 +107,25 @@ def test_evaluator_errors(tmp_path):
     with pytest.raises(CheckpointError):
         make_evaluator(torch.nn.Identity(), num=8, fid_ref=str(tmp_path / "missing.npz"))
     with pytest.raises(ConfigError, match="at least 2"):
-        make_evaluator(_teacher(), num=1, fid_ref=None)
+        make_evaluator(teacher_for_tests(), num=1, fid_ref=None)
+
+
+def test_distributed_evaluation_matches_single_process(tmp_path):
+    """Under torchrun (2 CPU processes, gloo) seeds are split across ranks; results equal one process's."""
+    det_path = save_torchscript(TinyInception(dim=8, classes=10), str(tmp_path / "inc.pt"))
+    g = np.random.RandomState(0).standard_normal((8, 12))
+    ref = save_stats(str(tmp_path / "ref.npz"), np.zeros(8), g @ g.T / 12)
+    out = tmp_path / "dist.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           os.path.join(os.path.dirname(__file__), "metrics_dist_script.py"), str(out), det_path, ref],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    fid = make_evaluator(None, num=23, fid_ref=ref, detector=det_path, batch=4, device="cpu")(
+        ToyStudent(scale=0.9, label_dim=3))
+    assert got["fid"]["metrics"] == pytest.approx(fid["metrics"], rel=1e-9)
+    teacher = teacher_for_tests()
+    exact = make_evaluator(teacher, num=7, fid_ref=None, batch=2)(OracleStudent(teacher, offset=0.2))
+    for key in ("rmse", "component_accuracy", "log_likelihood"):  # per-image means, weighted by rank counts
+        assert got["exact"]["metrics"][key] == pytest.approx(exact["metrics"][key], rel=1e-9)
