@@ -129,7 +129,8 @@ def test_calc_against_own_stats_is_zero_and_is_flag(small):
     assert 1.0 <= float(alone.stdout.split()[0]) <= 1008
 
 
-def test_user_errors(small, tmp_path):
+def test_user_errors(small, tmp_path, monkeypatch):
+    monkeypatch.setenv("PID_CACHE_DIR", str(tmp_path / "cache"))  # the offline case must not touch ~/.cache
     det = str(small / "int16.pt")
     ref = small / "a16.npz"
     _run(["ref", "--data", str(small / "a"), "--dest", str(ref), "--detector", det, "--workers", "0"])
@@ -151,17 +152,23 @@ def test_user_errors(small, tmp_path):
                                     "--num", "24"]), "16-dimensional features", "8-dimensional")
     _assert_user_error(_run(["calc", "--images", str(small / "a"), "--ref", str(ref), "--num", "24", "--is",
                              "--detector", det]), "Inception Score")
+    url = "http://127.0.0.1:9/fid-refs/cifar10-32x32.npz"  # offline: refused at once
+    _assert_user_error(_run(calc + ["--images", str(small / "a"), "--ref", url]), url, "place it at")
     (tmp_path / "detector.pkl").write_bytes(b"\x80\x04N.")
     _assert_user_error(_run(["ref", "--data", str(small / "a"), "--dest", str(tmp_path / "x.npz"),
                              "--detector", str(tmp_path / "detector.pkl")]), "not a TorchScript archive")
 
 
 def test_error_in_a_real_process_has_no_traceback(small, tmp_path):
-    """The same one-line error through `python fid.py` (the CLI users run), DataLoader workers included."""
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "fid.py"), "calc", "--images", str(small / "a"),
-                           "--ref", str(tmp_path / "missing.npz"), "--detector", str(small / "int16.pt")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "missing.npz" in proc.stderr
+    """`python fid.py` as users run it: an unreadable image found inside a DataLoader worker is one line."""
+    write_pngs(str(tmp_path / "imgs"), random_images(6, 0, res=8), (f"{i}.png" for i in range(6)))
+    (tmp_path / "imgs" / "4.png").write_bytes(b"truncated")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "fid.py"), "ref", "--data", str(tmp_path / "imgs"),
+                           "--dest", str(tmp_path / "r.npz"), "--detector", str(small / "int16.pt"),
+                           "--workers", "2", "--batch", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: Cannot read image '4.png'") and not (tmp_path / "r.npz").exists()
 
 
 def test_torchrun_two_processes_match_one(small, tmp_path):
