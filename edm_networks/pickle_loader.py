@@ -120,10 +120,10 @@ def _load_storage_payload(payload: Any) -> _FlatStorage:
     _, dtype, _, _, numel, view = root
     (count,) = struct.unpack("<q", f.read(8).ljust(8, b"\xff"))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = f.read(max(count, 0) * itemsize)
-    if count != numel or len(raw) != numel * itemsize:
-        raise _FormatError(f"storage payload is truncated: {len(raw)} bytes for {numel} elements")
-    flat = torch.frombuffer(bytearray(raw), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+    raw = bytearray(max(count, 0) * itemsize if count == numel else 0)
+    if count != numel or f.readinto(raw) != len(raw):
+        raise _FormatError(f"storage payload is truncated or corrupt: {count} of {numel} elements")
+    flat = torch.frombuffer(raw, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
     if view is not None:  # a view into a larger storage (very old torch): (key, offset, size)
         if (type(view) is not tuple or len(view) != 3 or type(view[1]) is not int or type(view[2]) is not int
                 or view[1] < 0 or view[1] + view[2] > numel):
@@ -364,8 +364,9 @@ def _check_header(f: BinaryIO, source: str) -> bytes:
 
 def _unpickle(f: BinaryIO, source: str, known: frozenset, head: bytes) -> Any:
     """Run the allow-list unpickler; every failure becomes a NetworkPickleError naming the file."""
+    unpickler = _SafeUnpickler(f, source, known)
     try:
-        return _SafeUnpickler(f, source, known).load()
+        return unpickler.load()
     except NetworkPickleError:
         raise
     except EOFError:
@@ -382,6 +383,8 @@ def _unpickle(f: BinaryIO, source: str, known: frozenset, head: bytes) -> Any:
     except Exception as exc:  # anything else the pickle machine raises on a malformed stream
         raise NetworkPickleError(f"{source}: is corrupt ({type(exc).__name__}: {exc}); expected {_EXPECTED}") \
             from None
+    finally:  # the memo holds every storage payload and sits in a reference cycle: free it now, not at GC time
+        unpickler.memo.clear()
 
 
 def _state_of(record: Any) -> dict:
@@ -469,3 +472,4 @@ def _build_network(record: _Persistent, cls: type, source: str, key: str) -> tor
                                  f"arguments describe ({len(problems)} problems): {'; '.join(problems[:5])}")
     net.load_state_dict(tensors, strict=True)
     return net.eval().requires_grad_(False)
+

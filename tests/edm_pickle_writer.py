@@ -110,12 +110,17 @@ class EdmPickler(pickle._Pickler):
     dispatch[GlobalRef] = _save_ref
 
 
-def dumps(obj: Any, protocol: int = 4, numpy1: bool = False) -> bytes:
-    """Pickle ``obj`` (records from this module, plain data, tensors) the way EDM's pickles are written."""
-    buf = io.BytesIO()
+def dump(obj: Any, file: Any, protocol: int = 4, numpy1: bool = False) -> None:
+    """Pickle ``obj`` (records from this module, plain data, tensors) to a binary file, as EDM writes it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's TypedStorage deprecation notes while reducing storages
-        EdmPickler(buf, protocol=protocol, numpy1=numpy1).dump(obj)
+        EdmPickler(file, protocol=protocol, numpy1=numpy1).dump(obj)
+
+
+def dumps(obj: Any, protocol: int = 4, numpy1: bool = False) -> bytes:
+    """Like ``dump``, returning the bytes."""
+    buf = io.BytesIO()
+    dump(obj, buf, protocol, numpy1)
     return buf.getvalue()
 
 
@@ -215,3 +220,27 @@ def scan(data: bytes) -> tuple:
             if pushed is not None:
                 strings.append(pushed)
     return globals_, opcodes
+
+
+def main() -> None:
+    """Write a random-init preset network as an EDM-format snapshot pickle (for trying things offline)."""
+    import argparse
+
+    from edm_networks.presets import build_preset, list_presets
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--preset", required=True, choices=list_presets())
+    parser.add_argument("--out", required=True, help="output .pkl path")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed for the random initialisation")
+    parser.add_argument("--release-era", action="store_true", help="numpy-1.x names, torch-1.12 attribute sets")
+    opts = parser.parse_args()
+    torch.manual_seed(opts.seed)
+    net = build_preset(opts.preset)
+    with open(opts.out, "wb") as f:
+        dump(snapshot(net, torch112=opts.release_era, augment="imagenet" not in opts.preset), f,
+             numpy1=opts.release_era)
+    print(f"wrote {opts.out}: {type(net).__name__}, {sum(p.numel() for p in net.parameters()):,} parameters")
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,7 @@ def small_pickle(small_net):
 def _assert_same_network(loaded, net):
     assert type(loaded) is type(net) and not loaded.training
     assert not any(p.requires_grad for p in loaded.parameters())
+    assert all(t.device.type == "cpu" for t in list(loaded.parameters()) + list(loaded.buffers()))
     ours, theirs = net.state_dict(), loaded.state_dict()
     assert list(ours) == list(theirs)
     for key in ours:
