@@ -12,8 +12,8 @@ import torch
 import torch.multiprocessing as mp
 
 from pid.errors import CheckpointError, ConfigError
-from pid.training import (TrainConfig, is_student_checkpoint, load_latest_state, read_student_checkpoint,
-                          read_training_state, train, write_student_checkpoint)
+from pid.training import (TrainConfig, is_student_checkpoint, load_latest_state, read_student_checkpoint, train,
+                          write_student_checkpoint)
 from pid.training import checkpoint as ckpt
 from pid.training.ema import EMAs
 from pid.training.optim import lr_at

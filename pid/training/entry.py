@@ -11,12 +11,13 @@ from pid.errors import PidError
 from pid.training import distributed as D
 from pid.training.config import TrainConfig
 from pid.training.loop import Trainer
+from pid.training.method import Method
 from pid.training.rundir import CONFIG_FILE, new_run_dir, resolve_resume
 
 __all__ = ["train", "make_run_config"]
 
 
-def make_run_config(config: TrainConfig, method, extra_config: Optional[dict]) -> dict:
+def make_run_config(config: TrainConfig, method: Method, extra_config: Optional[dict]) -> dict:
     """What config.json holds: the trainer's fields, the method's settings and the caller's extra fields."""
     return json.loads(json.dumps({"train": config.to_dict(),
                                   "method": {"name": method.name, **method.config_dict()},
@@ -57,7 +58,7 @@ def _write_config(run_dir: str, run_config: dict, dist: D.DistInfo) -> None:
         json.dump({**run_config, "runtime": runtime}, f, indent=2)
 
 
-def train(config: TrainConfig, method, student: torch.nn.Module, *, extra_config: Optional[dict] = None,
+def train(config: TrainConfig, method: Method, student: torch.nn.Module, *, extra_config: Optional[dict] = None,
           evaluate: Optional[Callable[[torch.nn.Module], dict]] = None) -> str:
     """Train `student` with `method` as `config` says; returns the run directory.
 

@@ -20,6 +20,7 @@ uninterrupted one exactly, and N processes reproduce one process that accumulate
 
 import copy
 import hashlib
+import json
 import os
 import signal
 import time
@@ -31,6 +32,7 @@ from pid.training import checkpoint as ckpt
 from pid.training import distributed as D
 from pid.training.config import TrainConfig
 from pid.training.ema import EMAs
+from pid.training.method import Method
 from pid.training.optim import lr_at, make_optimizer, set_lr
 from pid.training.runlog import RunLogger
 from pid.training.samples import write_sample_grid
@@ -50,7 +52,7 @@ def step_seed(seed: int, step: int, slot: int) -> int:
 class Trainer:
     """Owns the student's weights, optimizer, scaler, EMAs and the run directory's files."""
 
-    def __init__(self, config: TrainConfig, method, student: torch.nn.Module, dist: D.DistInfo,
+    def __init__(self, config: TrainConfig, method: Method, student: torch.nn.Module, dist: D.DistInfo,
                  run_dir: str, run_config: dict, evaluate: Optional[Callable[[torch.nn.Module], dict]] = None):
         self.config, self.method, self.dist = config, method, dist
         self.run_dir, self.run_config, self.evaluate = run_dir, run_config, evaluate
@@ -286,6 +288,5 @@ def _restore_signal_handlers(old: dict) -> None:
 
 
 def _append_json(path: str, record: dict) -> None:
-    import json
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
