@@ -120,9 +120,10 @@ def _load_storage_payload(payload: Any) -> _FlatStorage:
     _, dtype, _, _, numel, view = root
     (count,) = struct.unpack("<q", f.read(8).ljust(8, b"\xff"))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = bytearray(max(count, 0) * itemsize if count == numel else 0)
-    if count != numel or f.readinto(raw) != len(raw):
+    if count != numel or numel < 0 or numel * itemsize > len(payload) - f.tell():  # check before allocating
         raise _FormatError(f"storage payload is truncated or corrupt: {count} of {numel} elements")
+    raw = bytearray(numel * itemsize)
+    f.readinto(raw)
     flat = torch.frombuffer(raw, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
     if view is not None:  # a view into a larger storage (very old torch): (key, offset, size)
         if (type(view) is not tuple or len(view) != 3 or type(view[1]) is not int or type(view[2]) is not int

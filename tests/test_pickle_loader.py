@@ -370,3 +370,20 @@ def test_cyclic_record_tree_is_corrupt_not_a_crash(small_net, tmp_path):
     path = tmp_path / "snap.pkl"
     path.write_bytes(dumps(snap))
     assert "corrupt" in _load_error(path)
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+def test_storage_payload_claiming_huge_size_is_refused_before_allocating():
+    from edm_networks.pickle_loader import _FormatError, _load_storage_payload
+
+    class StorageIdPickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return obj if isinstance(obj, tuple) and obj[:1] == ("storage",) else None
+
+    numel = 2 ** 60
+    parts = [pickle.dumps(v, protocol=2) for v in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})]
+    buf = io.BytesIO()
+    StorageIdPickler(buf, protocol=2).dump(("storage", torch.FloatStorage, "0", "cpu", numel, None))
+    payload = b"".join(parts) + buf.getvalue() + pickle.dumps(["0"], protocol=2) + numel.to_bytes(8, "little")
+    with pytest.raises(_FormatError, match=f"{numel} of {numel} elements"):
+        _load_storage_payload(payload + bytes(64))
