@@ -170,6 +170,8 @@ def test_image_sets_folder_zip_subset_and_modes(tmp_path):
         assert folder[i].dtype == torch.uint8 and folder[i].shape == (3, 8, 8)
         torch.testing.assert_close(folder[i], archive[i])
         torch.testing.assert_close(folder[i], torch.from_numpy(arrays[i]).permute(2, 0, 1))
+    loader = torch.utils.data.DataLoader(archive, batch_size=2, num_workers=2)  # workers reopen the zip
+    torch.testing.assert_close(torch.cat(list(loader)), torch.stack([folder[i] for i in range(6)]))
     sub = ImageSet(str(tmp_path / "data.zip"), num=4, seed=3)
     assert sub.files == [names[i] for i in select_subset(6, 4, 3)] and len(sub) == 4
     idx = np.arange(6)

@@ -65,7 +65,7 @@ class ImageSet(torch.utils.data.Dataset):
         if len(self.files) < 2:
             raise DataError(f"Found {len(self.files)} images in '{path}' (after --num), but statistics need at "
                             f"least 2; a file counts as an image when PIL knows its extension (.png, .jpg, ...).")
-        self._zip = None
+        self._zip, self._zip_pid = None, None
         self.shape = tuple(self._load(0).shape)
 
     def __len__(self) -> int:
@@ -78,8 +78,9 @@ class ImageSet(torch.utils.data.Dataset):
         if os.path.isdir(self.path):
             with open(os.path.join(self.path, name), "rb") as f:
                 return f.read()
-        if self._zip is None:
-            self._zip = zipfile.ZipFile(self.path)
+        # one ZipFile per process: forked DataLoader workers would otherwise share the file offset
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
         return self._zip.read(name)
 
     def _load(self, i: int) -> torch.Tensor:
