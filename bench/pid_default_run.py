@@ -1,0 +1,101 @@
+"""Benchmark (a): the default `train_pid.py` run's one-step student placed in the teacher's NFE table.
+
+Runs `python train_pid.py --outdir=<outdir>` (no other option: the embedded default, built-in glyph teacher),
+times it, then scores every `student-<step>.pt` of the run and EDM's deterministic Heun sampler at several NFE
+on the same seeds against the exact ODE endpoints (Heun, 512 steps, float64): RMSE, mixture-component accuracy
+and log-likelihood under the true mixture (pid.exact_eval). Latents and labels are EDM's per-seed draws.
+
+    python bench/pid_default_run.py --outdir=bench-runs              # train (≤ 10 min on 2 cores) + table
+    python bench/pid_default_run.py --run-dir=runs/00000-pid-...      # score an existing run
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import click
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_default(outdir: str, extra: tuple[str, ...]) -> tuple[str, float]:
+    """Run the default training in a subprocess; returns (run directory, wall seconds)."""
+    cmd = [sys.executable, os.path.join(REPO, "train_pid.py"), f"--outdir={outdir}", *extra]
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    wall = time.time() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"training failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    run_dir = re.findall(r"run directory: (.+)", out.stdout)[-1].strip()
+    return run_dir, wall
+
+
+def seed_inputs(num: int, shape, label_dim: int):
+    """EDM's per-seed latents [N,C,H,W] and one-hot labels [N,K] (or None) for seeds 0..num-1."""
+    from pid.seeds import StackedRandomGenerator
+    rnd = StackedRandomGenerator(torch.device("cpu"), list(range(num)))
+    latents = rnd.randn([num, *shape], device="cpu")
+    labels = None
+    if label_dim:
+        labels = torch.eye(label_dim)[rnd.randint(label_dim, size=[num], device="cpu")]
+    return latents, labels
+
+
+def score_rows(run_dir: str, num: int, nfes: tuple[int, ...]) -> tuple[list[dict], dict]:
+    """Rows of the table: teacher Heun at each NFE, then the student at every snapshot."""
+    from pid.exact_eval import exact_metrics, reference_endpoints
+    from pid.samplers import edm_sampler
+    from pid.student import load_student
+    from pid.teachers import load_teacher
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    teacher = load_teacher(config["extra"]["pid"]["teacher"])
+    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    latents, labels = seed_inputs(num, shape, teacher.label_dim)
+    lat64, lab64 = latents.double(), None if labels is None else labels.double()
+    reference = reference_endpoints(teacher, lat64, lab64, num_steps=512)
+    rows = []
+    for nfe in nfes:
+        steps = (nfe + 1) // 2
+        images = edm_sampler(teacher, lat64, lab64, num_steps=steps).clamp(-1, 1)
+        rows.append({"what": f"teacher Heun, {steps} steps", "nfe": nfe, **exact_metrics(teacher, images, reference, lab64)})
+    for path in sorted(glob.glob(os.path.join(run_dir, "student-[0-9]*.pt"))):
+        student = load_student(path)
+        with torch.no_grad():
+            images = torch.cat([student.generate(latents[i:i + 250], None if labels is None else labels[i:i + 250])
+                                for i in range(0, num, 250)]).double()
+        step = int(re.findall(r"student-(\d+)\.pt", path)[0])
+        rows.append({"what": f"PID student, step {step}", "nfe": 1, **exact_metrics(teacher, images, reference, lab64)})
+    return rows, config
+
+
+@click.command()
+@click.option("--outdir", default="bench-runs", help="Where the default run is written")
+@click.option("--run-dir", default=None, help="Score this existing run instead of training")
+@click.option("--num", type=int, default=1000, help="Seeds 0..num-1")
+@click.option("--nfe", default="1,3,5,9,17,35", help="Teacher NFEs (Heun: NFE = 2·steps − 1)")
+@click.option("--train-arg", multiple=True, help="Extra option for train_pid.py (repeatable)")
+def main(outdir, run_dir, num, nfe, train_arg):
+    """Train the default run (unless --run-dir) and print the markdown table."""
+    wall = None
+    if run_dir is None:
+        run_dir, wall = train_default(outdir, tuple(train_arg))
+    rows, config = score_rows(run_dir, num, tuple(int(v) for v in nfe.split(",")))
+    print(f"| sampler | NFE | RMSE to exact endpoint | component accuracy | log-likelihood (nats) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['nfe']} | {r['rmse']:.4f} | {r['component_accuracy']:.3f} | {r['log_likelihood']:.1f} |")
+    print(f"\ndata log-likelihood (exact samples): {rows[0]['data_log_likelihood']:.1f} nats; {num} seeds; "
+          f"run {run_dir}" + (f"; training wall time {wall:.0f} s" if wall is not None else ""))
+    print(f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    main()
