@@ -124,7 +124,8 @@ def _collect_sampler_kwargs(steps, sigma_min, sigma_max, rho, S_churn, S_min, S_
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--ckpt", required=True, help="EDM network pickle, http(s) URL, student checkpoint (.pt) or builtin:<name>")
+@click.option("--ckpt", required=True,
+              help="EDM network pickle, http(s) URL, student checkpoint (.pt) or builtin:<name>")
 @click.option("--outdir", type=str, default=None, help="Where to write {seed:06d}.png files")
 @click.option("--seeds", type=str, default="0-63", show_default=True, help="Seed list, e.g. 0-63 or 1,2,5-9")
 @click.option("--subdirs", is_flag=True, help="Write PNGs into a subfolder per 1000 seeds")
@@ -134,13 +135,18 @@ def _collect_sampler_kwargs(steps, sigma_min, sigma_max, rho, S_churn, S_min, S_
 @click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True, help="Sampler steps (teachers)")
 @click.option("--sigma_min", type=click.FloatRange(min=0, min_open=True), default=None, help="Lowest noise level")
 @click.option("--sigma_max", type=click.FloatRange(min=0, min_open=True), default=None, help="Highest noise level")
-@click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=7, show_default=True, help="Time step exponent")
-@click.option("--S_churn", "S_churn", type=click.FloatRange(min=0), default=0, show_default=True, help="Stochasticity strength")
-@click.option("--S_min", "S_min", type=click.FloatRange(min=0), default=0, show_default=True, help="Stochastic lowest σ")
-@click.option("--S_max", "S_max", type=click.FloatRange(min=0), default=float("inf"), show_default=True, help="Stochastic highest σ")
+@click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=7, show_default=True,
+              help="Time step exponent")
+@click.option("--S_churn", "S_churn", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Stochasticity strength")
+@click.option("--S_min", "S_min", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Stochastic lowest σ")
+@click.option("--S_max", "S_max", type=click.FloatRange(min=0), default=float("inf"), show_default=True,
+              help="Stochastic highest σ")
 @click.option("--S_noise", "S_noise", type=float, default=1, show_default=True, help="Stochastic noise inflation")
 @click.option("--solver", type=click.Choice(["euler", "heun"]), default=None, help="Ablation sampler: ODE solver")
-@click.option("--disc", type=click.Choice(["vp", "ve", "iddpm", "edm"]), default=None, help="Ablation sampler: σ steps")
+@click.option("--disc", type=click.Choice(["vp", "ve", "iddpm", "edm"]), default=None,
+              help="Ablation sampler: σ steps")
 @click.option("--schedule", type=click.Choice(["vp", "ve", "linear"]), default=None, help="Ablation sampler: σ(t)")
 @click.option("--scaling", type=click.Choice(["vp", "none"]), default=None, help="Ablation sampler: s(t)")
 @click.option("--grid", type=str, default=None, help="Also write all images as one PNG grid here")

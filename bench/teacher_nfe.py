@@ -21,8 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pid.cli import user_errors  # noqa: E402
 from pid.errors import ConfigError  # noqa: E402
-from pid.exact_eval import exact_metrics, reference_endpoints  # noqa: E402
-from pid.samplers import edm_sampler  # noqa: E402
+from pid.exact_eval import exact_metrics, heun_endpoints, reference_endpoints  # noqa: E402
 from pid.seeds import StackedRandomGenerator, parse_seeds  # noqa: E402
 from pid.teachers import load_teacher  # noqa: E402
 
@@ -39,21 +38,11 @@ def draw_inputs(teacher, seeds, device):
     return latents, labels
 
 
-def heun_batched(teacher, latents, labels, num_steps, batch):
-    """Deterministic EDM sampler in batches; the churn noise is zero (S_churn=0), so it is not drawn."""
-    outs = []
-    for i in range(0, latents.shape[0], batch):
-        lab = None if labels is None else labels[i:i + batch]
-        outs.append(edm_sampler(teacher, latents[i:i + batch], lab, randn_like=torch.zeros_like,
-                                num_steps=num_steps))
-    return torch.cat(outs)
-
-
 def table_rows(teacher, latents, labels, reference, steps_list, batch):
     rows = []
     for steps in steps_list:
         t0 = time.perf_counter()
-        images = heun_batched(teacher, latents, labels, steps, batch).clamp(-1, 1)  # as sample.py saves them
+        images = heun_endpoints(teacher, latents, labels, steps, batch).clamp(-1, 1)  # as sample.py saves them
         m = exact_metrics(teacher, images, reference, labels)
         rows.append((f"Heun, {steps} steps", 2 * steps - 1, m, time.perf_counter() - t0))
     return rows

@@ -10,10 +10,25 @@ import torch
 
 from pid.samplers import edm_sampler
 
-__all__ = ["reference_endpoints", "exact_metrics"]
+__all__ = ["reference_endpoints", "heun_endpoints", "exact_metrics"]
 
 
 @torch.no_grad()
+def heun_endpoints(teacher, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                   num_steps: int = 18, chunk: int = 1000) -> torch.Tensor:
+    """Deterministic EDM Heun sampler (NFE 2*num_steps-1) from unit-normal latents [N,C,H,W], in chunks.
+
+    Same result as `edm_sampler` with S_churn=0: that noise is multiplied by zero, so it is not even drawn.
+    Returns float64 [N,C,H,W].
+    """
+    outs = []
+    for start in range(0, latents.shape[0], chunk):
+        labels = None if class_labels is None else class_labels[start:start + chunk]
+        outs.append(edm_sampler(teacher, latents[start:start + chunk], labels, randn_like=torch.zeros_like,
+                                num_steps=num_steps))
+    return torch.cat(outs)
+
+
 def reference_endpoints(teacher, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                         num_steps: int = 512, chunk: int = 1000) -> torch.Tensor:
     """Endpoints of the teacher's ODE from unit-normal latents [N,C,H,W]: float64 [N,C,H,W].
@@ -21,13 +36,7 @@ def reference_endpoints(teacher, latents: torch.Tensor, class_labels: Optional[t
     Deterministic EDM Heun sampler with `num_steps` steps (NFE 2*num_steps-1) in float64; latents are scaled
     by σ_max inside, exactly as `edm_sampler` does, so endpoints match sampler outputs seed for seed.
     """
-    outs = []
-    for start in range(0, latents.shape[0], chunk):
-        labels = None if class_labels is None else class_labels[start:start + chunk]
-        # S_churn = 0 multiplies the per-step noise by zero, so skip drawing it (same result, much faster)
-        outs.append(edm_sampler(teacher, latents[start:start + chunk], labels, randn_like=torch.zeros_like,
-                                num_steps=num_steps))
-    return torch.cat(outs)
+    return heun_endpoints(teacher, latents, class_labels, num_steps, chunk)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Built-in analytic teachers: isotropic Gaussian mixtures whose EDM denoiser is exact.
 
-For data p(x) = Σ_k π_k N(x; μ_k, s²I), the noisy marginal at level σ is Σ_k π_k N(x; μ_k, (s²+σ²)I), and the
-ideal denoiser (EDM eq. 3) is
+For data p(x) = Σ_k π_k N(x; μ_k, s²I), the noisy marginal at level σ is Σ_k π_k N(x; μ_k, (s²+σ²)I),
+and the ideal denoiser (EDM eq. 3) is
     D(x; σ) = Σ_k w_k(x, σ) [μ_k + s²/(s²+σ²) (x − μ_k)],  w = softmax_k(log π_k − ‖x − μ_k‖² / (2(s²+σ²))).
 Everything is computed in float64 with a max-shifted log-sum-exp, so the teacher is exact to rounding.
 """
