@@ -57,11 +57,13 @@ class GaussianMixtureTeacher(nn.Module):
         y = torch.as_tensor(class_labels, device=self.means.device).to(torch.float64).reshape(-1, self.label_dim)
         if y.shape[0] not in (1, n):
             raise ValueError(f"class_labels has {y.shape[0]} rows for a batch of {n}")
-        if (y.sum(dim=1) <= 0).any() or (y < 0).any():
-            raise ValueError("class_labels rows must be non-negative and not all zero (one-hot rows)")
+        if (y < 0).any():
+            raise ValueError("class_labels must be non-negative (one-hot rows)")
         # p(k | y) = y_c(k) · π_k / Π_c(k), with Π_c the total weight of class c
         mass = torch.zeros(self.label_dim, dtype=torch.float64, device=y.device).index_add(
             0, self.component_labels, self.log_weights.exp())
+        # an all-zero row (what EDM's conditional nets get for "no label") means the whole mixture: y = Π
+        y = torch.where(y.sum(dim=1, keepdim=True) > 0, y, mass[None])
         log_y = (y / y.sum(dim=1, keepdim=True)).log()[:, self.component_labels]  # [N,K], -inf outside the class
         return log_y + self.log_weights[None] - mass.log()[self.component_labels][None]
 

@@ -56,6 +56,9 @@ def test_denoiser_limits():
     labels = torch.eye(2, dtype=torch.float64)[[1] * 5]
     assert torch.allclose(teacher(x * 1e6, 1e6, labels).reshape(5, 2), (w1[:, None] * cls1).sum(0).expand(5, 2),
                           atol=1e-5)
+    zero_rows = torch.zeros(5, 2)  # "no label", as EDM's conditional nets receive it: the whole mixture
+    assert torch.allclose(teacher(x, 0.7, zero_rows), teacher(x, 0.7), atol=1e-12)
+    assert torch.allclose(teacher.log_prob(x, zero_rows), teacher.log_prob(x), atol=1e-12)
 
 
 def test_denoiser_is_stable_and_keeps_dtype():
