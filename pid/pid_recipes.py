@@ -38,21 +38,24 @@ class PIDConfig:
 # The embedded default: distil the built-in glyph teacher on a CPU in minutes with a distance that needs no
 # download. Tuned so that the one-step student matches the exact ODE endpoint's mixture component (see BENCHMARKS).
 DEFAULT_RECIPE: dict = dict(
-    teacher="builtin:glyphs16", student_preset=None, discretization=16, loss="l2",
-    steps=600, batch=32, lr=2e-3, optimizer="radam", precision="fp32", ema="0.99,0.999", default_ema=0.99,
-    warmup=0, grad_clip=None, snap=200, grid_every=200, grid_seeds=64, log_every=10, eval_every=600, eval_num=500,
+    teacher="builtin:glyphs16", student_preset=None, discretization=6, loss="l2",
+    steps=2000, batch=32, lr=2e-3, optimizer="adam", betas="0.9,0.99", precision="fp32", ema="0.995,0.999",
+    default_ema=0.995, warmup=0, grad_clip=None, snap=500, grid_every=500, grid_seeds=64, log_every=10,
+    eval_every=500, eval_num=500,
 )
 
 # The reference recipes (docs/pid.md §(c)): they follow the released scripts (no gradient clipping; CIFAR-10 in
 # fp32), not the paper's Table 6, which lists clipping and FP16 for both; pass --grad-clip / --precision for that.
 PRESETS: dict[str, dict] = {
     "cifar10": dict(teacher=EDM_PRETRAINED + "edm-cifar10-32x32-uncond-vp.pkl", discretization=250, loss="lpips",
-                    steps=800_000, batch=512, batch_gpu=None, lr=2e-4, optimizer="radam", precision="fp32",
+                    steps=800_000, batch=512, batch_gpu=None, lr=2e-4, optimizer="radam", betas="0.9,0.999",
+                    precision="fp32",
                     ema="0.999,0.9999,0.99995", default_ema=0.99995, warmup=0, grad_clip=None, snap=10_000,
                     grid_every=10_000, log_every=100, eval_every=0, eval_num=50_000,
                     fid_ref="https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"),
     "imagenet64": dict(teacher=EDM_PRETRAINED + "edm-imagenet-64x64-cond-adm.pkl", discretization=250, loss="lpips",
-                       steps=400_000, batch=2048, batch_gpu=32, lr=1e-4, optimizer="radam", precision="fp16",
+                       steps=400_000, batch=2048, batch_gpu=32, lr=1e-4, optimizer="radam", betas="0.9,0.999",
+                       precision="fp16",
                        ema="0.999,0.9999,0.99995", default_ema=0.99995, warmup=0, grad_clip=None, snap=10_000,
                        grid_every=10_000, log_every=100, eval_every=0, eval_num=50_000,
                        fid_ref="https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz"),

@@ -23,9 +23,11 @@ _DDPMPP = {"embedding_type": "positional", "encoder_type": "standard", "decoder_
 PRESETS: dict[str, dict] = {
     "tiny": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "channel_mult_emb": 2, "num_blocks": 1,
              "attn_resolutions": []},
-    "glyphs16": {**_DDPMPP, "model_channels": 32, "channel_mult": [1, 2, 2], "channel_mult_emb": 4, "num_blocks": 1,
-                 "attn_resolutions": [4]},
-    "glyphs32": {**_DDPMPP, "model_channels": 32, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
+    # Down to 2x2 (4x4 at 32 px) so that the deepest features see the whole image: which mixture component the
+    # ODE ends on is a global function of the noise.
+    "glyphs16": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4, "num_blocks": 1,
+                 "attn_resolutions": [2]},
+    "glyphs32": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
                  "num_blocks": 1, "attn_resolutions": [4]},
 }
 
