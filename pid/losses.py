@@ -83,7 +83,8 @@ def load_vgg16_features(path: str | None = None, download: bool = True) -> dict[
         return torch.load(target, map_location="cpu", weights_only=True)
     if path is not None:
         raise DownloadError(f"VGG16 weights file not found: {path}. Pass the path of torchvision's "
-                            f"vgg16-397923af.pth (--lpips-vgg), or choose another distance (--loss=l2|l1|pseudo-huber).")
+                            f"vgg16-397923af.pth (--lpips-vgg), or choose another distance "
+                            f"(--loss=l2|l1|pseudo-huber).")
     if download:
         import torchvision
         try:

@@ -35,8 +35,10 @@ class PIDConfig:
     detector: Optional[str] = None         # feature network for FID (None: EDM's Inception URL)
 
 
-# The embedded default: distil the built-in glyph teacher on a CPU in minutes with a distance that needs no
-# download. Tuned so that the one-step student matches the exact ODE endpoint's mixture component (see BENCHMARKS).
+# The embedded default: distil the built-in glyph teacher on a CPU in under 10 minutes on 2 cores with a distance
+# that needs no download. N=6 keeps the chain of finite differences short (its fixed point, 5 Euler steps, lands on
+# the exact endpoint's component for ~95% of seeds); Adam with beta2=0.99 because RAdam's rectification keeps the
+# step size small for the first thousands of steps. Results and limits: docs/parts/pid-bench.md.
 DEFAULT_RECIPE: dict = dict(
     teacher="builtin:glyphs16", student_preset=None, discretization=6, loss="l2",
     steps=2000, batch=32, lr=2e-3, optimizer="adam", betas="0.9,0.99", precision="fp32", ema="0.995,0.999",

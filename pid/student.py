@@ -43,7 +43,10 @@ def iddpm_sigmas(C_1: float, C_2: float, M: int) -> torch.Tensor:
 
 
 class NoiseConditioning(nn.Module):
-    """c_noise(σ) of the EDM preconditioners: edm ¼·ln σ; vp (M−1)·σ⁻¹(σ); ve ln(σ/2); iddpm M−1−argmin_j |σ−u_j|."""
+    """c_noise(σ) of the EDM preconditioners.
+
+    edm ¼·ln σ; vp (M−1)·σ⁻¹(σ); ve ln(σ/2); iddpm M−1−argmin_j |σ−u_j| (edm.md §3).
+    """
 
     def __init__(self, kind: str, **params: float):
         super().__init__()
@@ -81,13 +84,16 @@ class PIDStudent(nn.Module):
         self.net = net
         self.network = copy.deepcopy(network)        # {'class': ..., 'kwargs': ...} to rebuild `net`
         self.noise = NoiseConditioning(**noise)
-        self.img_resolution, self.img_channels, self.label_dim = int(img_resolution), int(img_channels), int(label_dim)
-        self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
+        self.img_resolution, self.img_channels = int(img_resolution), int(img_channels)
+        self.label_dim = int(label_dim)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.sigma_data = float(sigma_data)
         self.c_in = 1 / math.sqrt(self.sigma_data ** 2 + self.sigma_max ** 2)
         self.teacher, self.teacher_meta = teacher, dict(teacher_meta or {})
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """z [B,C,H,W] (std σ_max), t [B] or scalar σ, class_labels [B,K] one-hot or None → x_θ(z, t) [B,C,H,W] f32."""
+    def forward(self, z: torch.Tensor, t: torch.Tensor | float,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B,C,H,W] (std σ_max), t [B] or scalar σ, class_labels [B,K] one-hot or None → x_θ(z, t) [B,C,H,W]."""
         z = z.float()
         t = torch.as_tensor(t, dtype=torch.float32, device=z.device).reshape(-1)
         if t.numel() == 1:
@@ -114,13 +120,15 @@ class PIDStudent(nn.Module):
         return {"class": "PIDStudent", "network": copy.deepcopy(self.network), "noise": self.noise.spec(),
                 "img_resolution": self.img_resolution, "img_channels": self.img_channels,
                 "label_dim": self.label_dim, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
-                "sigma_data": self.sigma_data, "teacher": self.teacher, "teacher_meta": copy.deepcopy(self.teacher_meta)}
+                "sigma_data": self.sigma_data, "teacher": self.teacher,
+                "teacher_meta": copy.deepcopy(self.teacher_meta)}
 
 
 def build_student_from_spec(spec: dict) -> PIDStudent:
     """Rebuild a (randomly initialised) PIDStudent from `export_spec()` output."""
     if not isinstance(spec, dict) or spec.get("class") != "PIDStudent":
-        raise CheckpointError(f"not a PID student description (class={spec.get('class') if isinstance(spec, dict) else spec!r})")
+        found = spec.get("class") if isinstance(spec, dict) else type(spec).__name__
+        raise CheckpointError(f"not a PID student description (class {found!r}, expected 'PIDStudent')")
     net = build_network(spec["network"])
     keys = ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "sigma_data", "teacher",
             "teacher_meta")
