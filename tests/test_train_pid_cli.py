@@ -1,6 +1,7 @@
 """train_pid.py: bad input gives one clear line and a non-zero exit; tiny end-to-end runs (also under torchrun)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -76,6 +77,16 @@ def test_tiny_run_end_to_end_and_resume_checks(tmp_path):
     again = run_cli([f"--outdir={out}", *TINY, "--steps=3", "--snap=1", "--resume=auto"])
     assert again.exit_code == 0, again.output
     assert os.listdir(out) == [run] and "student-0000003.pt" in os.listdir(os.path.join(out, run))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_runs_on_cpu(tmp_path, precision):
+    out = str(tmp_path / "runs")
+    result = run_cli([f"--outdir={out}", *TINY, "--steps=1", "--snap=1", f"--precision={precision}"])
+    assert result.exit_code == 0, result.output
+    (run,) = os.listdir(out)
+    stats = [json.loads(line) for line in open(os.path.join(out, run, "stats.jsonl"))]
+    assert stats and all(math.isfinite(r["loss"]) for r in stats)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on CPU")
