@@ -6,6 +6,7 @@ and the ideal denoiser (EDM eq. 3) is
 Everything is computed in float64 with a max-shifted log-sum-exp, so the teacher is exact to rounding.
 """
 
+import functools
 import math
 from typing import Optional
 
@@ -120,14 +121,22 @@ BUILTIN_TEACHERS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _cached_glyph_means(resolution: int, per_class: int):
+    """Rendering takes seconds and the result never changes within an install: render once per process."""
+    from pid.glyphs import glyph_means  # numpy rendering, only needed here
+    means, labels = glyph_means(resolution, per_class)
+    means.setflags(write=False)
+    return means, tuple(labels)
+
+
 def builtin_teacher(name: str) -> GaussianMixtureTeacher:
     """The built-in glyph mixture `name` ('glyphs32': 3x32x32, 50 components; 'glyphs16': 3x16x16, 30)."""
-    from pid.glyphs import glyph_means  # numpy rendering, only needed here
     if name not in BUILTIN_TEACHERS:
         raise ConfigError(f"Unknown built-in teacher 'builtin:{name}'. Available: "
                           + ", ".join(f"builtin:{k}" for k in BUILTIN_TEACHERS) + ".")
     cfg = BUILTIN_TEACHERS[name]
-    means, labels = glyph_means(cfg["resolution"], cfg["per_class"])
-    teacher = GaussianMixtureTeacher(torch.from_numpy(means), torch.tensor(labels), std=cfg["std"], label_dim=10)
+    means, labels = _cached_glyph_means(cfg["resolution"], cfg["per_class"])
+    teacher = GaussianMixtureTeacher(torch.tensor(means), torch.tensor(labels), std=cfg["std"], label_dim=10)
     teacher.name = f"builtin:{name}"
     return teacher
