@@ -112,8 +112,11 @@ def test_builtin_teachers_are_deterministic_and_well_separated():
         assert torch.bincount(a.component_labels).tolist() == [cfg["per_class"]] * 10
         flat = a.means.flatten(1)
         dist = torch.cdist(flat, flat) + torch.eye(len(flat), dtype=torch.float64) * 1e9
-        # nearest other mean is far beyond the spread of a component (std·sqrt(dim))
-        assert float(dist.min()) > 5 * a.std * math.sqrt(flat.shape[1])
+        # nearest other mean is far beyond the spread of a component (std·sqrt(dim)); within a class (the
+        # teachers are class-conditional) by 5x, across classes (components can share a background) by 3x
+        spread = a.std * math.sqrt(flat.shape[1])
+        same_class = a.component_labels[:, None] == a.component_labels[None, :]
+        assert float(dist[same_class].min()) > 5 * spread and float(dist.min()) > 3 * spread
         assert torch.equal(a.component_of(a.means), torch.arange(len(flat)))
     with pytest.raises(Exception, match="glyphs32"):
         builtin_teacher("nope")
@@ -125,6 +128,22 @@ def test_glyphs_vary_within_a_class():
     assert means.shape == (30, 3, 16, 16)
     # every glyph has a visible stroke: some pixels far from the background colour
     assert all(float(abs(m - m[:, :1, :1]).max()) > 0.5 for m in means)
+
+
+def test_components_of_a_class_differ_in_low_frequencies():
+    # The ODE's within-class choice should depend on coarse noise statistics: the difference of two components'
+    # means must lie almost entirely in the per-channel constants (whole-image colour offsets), and be large.
+    for res, per_class in [(16, 3), (32, 5)]:
+        means, _ = glyph_means(res, per_class)
+        means = means.reshape(10, per_class, 3, res, res)
+        for c in range(10):
+            for i in range(per_class):
+                for j in range(i + 1, per_class):
+                    d = means[c, i] - means[c, j]
+                    coarse = d.mean(axis=(1, 2))
+                    assert float((coarse ** 2).sum()) * res * res > 0.95 * float((d ** 2).sum())
+                    assert float(abs(coarse).max()) > 0.5
+        assert float(means.min()) >= -0.85 - 1e-12 and float(means.max()) <= 0.85 + 1e-12
 
 
 def test_reference_endpoint_lands_on_a_component():
