@@ -15,7 +15,7 @@ import os
 import click
 
 from pid.cli import user_errors
-from pid.pid_recipes import PRESETS, pid_config_from, resolve_options
+from pid.pid_recipes import DEFAULT_RECIPE, PRESETS, pid_config_from, resolve_options
 
 _TRAIN_FIELDS = ("outdir", "steps", "batch", "batch_gpu", "lr", "optimizer", "betas", "eps", "weight_decay", "warmup",
                  "lr_schedule", "grad_clip", "precision", "ema", "default_ema", "seed", "snap", "keep_states",
@@ -77,7 +77,7 @@ def build_run(opts: dict):
 @click.option("--teacher", default=None, help="EDM pickle path/URL or builtin:glyphs16|glyphs32  [default: builtin:glyphs16]")
 @click.option("--student-preset", default=None, help="Student network for teachers without one (tiny, glyphs16, "
                                                    "glyphs32)  [default: by resolution]")
-@click.option("--discretization", "-N", type=int, default=None, help="N, points of the Karras grid  [default: 16; presets 250]")
+@click.option("--discretization", "-N", type=int, default=None, help=f"N, points of the Karras grid  [default: {DEFAULT_RECIPE['discretization']}; presets 250]")
 @click.option("--rho", type=float, default=None, help="Karras grid exponent  [default: 7]")
 @click.option("--sigma-min", type=float, default=None, help="σ of one-step generation  [default: teacher's, ≥ 0.002]")
 @click.option("--sigma-max", type=float, default=None, help="T, std of z  [default: teacher's, ≤ 80]")
@@ -86,11 +86,11 @@ def build_run(opts: dict):
 @click.option("--huber-c", type=float, default=None, help="pseudo-Huber c  [default: 0.00054·sqrt(C·H·W)]")
 @click.option("--lpips-resize", type=int, default=None, help="Bilinear resize before LPIPS (0 = none)  [default: 224]")
 @click.option("--lpips-vgg", default=None, help="torchvision VGG16 weights file for LPIPS  [default: torchvision cache]")
-@click.option("--steps", type=int, default=None, help="Optimizer steps  [default: 600]")
-@click.option("--batch", type=int, default=None, help="Global batch  [default: 32]")
+@click.option("--steps", type=int, default=None, help=f"Optimizer steps  [default: {DEFAULT_RECIPE['steps']}]")
+@click.option("--batch", type=int, default=None, help=f"Global batch  [default: {DEFAULT_RECIPE['batch']}]")
 @click.option("--batch-gpu", type=int, default=None, help="Images per forward/backward per process (accumulate)")
-@click.option("--lr", type=float, default=None, help="Learning rate  [default: 2e-3]")
-@click.option("--optimizer", type=click.Choice(["radam", "adam"]), default=None, help="Optimizer  [default: radam]")
+@click.option("--lr", type=float, default=None, help=f"Learning rate  [default: {DEFAULT_RECIPE['lr']:g}]")
+@click.option("--optimizer", type=click.Choice(["radam", "adam"]), default=None, help=f"Optimizer  [default: {DEFAULT_RECIPE['optimizer']}; presets radam]")
 @click.option("--betas", default=None, help="Adam/RAdam betas, e.g. 0.9,0.999")
 @click.option("--eps", type=float, default=None, help="Adam/RAdam eps  [default: 1e-8]")
 @click.option("--weight-decay", type=float, default=None, help="Weight decay  [default: 0]")
@@ -98,7 +98,7 @@ def build_run(opts: dict):
 @click.option("--lr-schedule", type=click.Choice(["constant", "linear"]), default=None, help="[default: constant]")
 @click.option("--grad-clip", type=float, default=None, help="Max global gradient norm  [default: none]")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="[default: fp32]")
-@click.option("--ema", default=None, help="EMA decay rates, comma-separated  [default: 0.99,0.999]")
+@click.option("--ema", default=None, help=f"EMA decay rates, comma-separated  [default: {DEFAULT_RECIPE['ema']}]")
 @click.option("--default-ema", default=None, help="EMA used for samples/evaluation/export, or 'raw'")
 @click.option("--seed", type=int, default=None, help="Random seed (noise, grid indices, student init)  [default: 0]")
 @click.option("--snap", type=int, default=None, help="Steps between student/state snapshots")
