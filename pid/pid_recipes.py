@@ -35,14 +35,14 @@ class PIDConfig:
     detector: Optional[str] = None         # feature network for FID (None: EDM's Inception URL)
 
 
-# The embedded default: distil the built-in glyph teacher on a CPU in under 10 minutes on 2 cores with a distance
-# that needs no download. N=6 keeps the chain of finite differences short (its fixed point, 5 Euler steps, lands on
-# the exact endpoint's component for ~95% of seeds); Adam with beta2=0.99 because RAdam's rectification keeps the
-# step size small for the first thousands of steps; lr 4e-3 rather than 2e-3: on the image-like glyph teacher it
-# reaches a higher component accuracy at every snapshot (0.61 vs 0.54 at step 1000, 0.72 vs 0.71 at 2000; 1000
-# seeds). Results and limits: docs/parts/pid-bench.md, docs/parts/h7-bench.md.
+# The embedded default: distil the built-in glyph teacher on a CPU in about 10 minutes on 2 cores with a distance
+# that needs no download. N=12: a short chain of finite differences whose fixed point (11 Euler steps) still lands
+# on the exact endpoint's component for ~97% of seeds (N=6: ~90%), and which learned fastest of N = 6, 8, 12 in
+# 2000 steps (component accuracy 0.72 / 0.75 / 0.79). Adam with beta2=0.99 because RAdam's rectification keeps the
+# step size small for the first thousands of steps; lr 4e-3 beat 2e-3 at every snapshot. Measured results and
+# limits: BENCHMARKS.md, PID section (a).
 DEFAULT_RECIPE: dict = dict(
-    teacher="builtin:glyphs16", student_preset=None, discretization=6, loss="l2",
+    teacher="builtin:glyphs16", student_preset=None, discretization=12, loss="l2",
     steps=2000, batch=32, lr=4e-3, optimizer="adam", betas="0.9,0.99", precision="fp32", ema="0.995,0.999",
     default_ema=0.995, warmup=0, grad_clip=None, snap=500, grid_every=500, grid_seeds=64, log_every=10,
     eval_every=500, eval_num=500,
