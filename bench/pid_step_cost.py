@@ -13,7 +13,6 @@ memory per sample. Each configuration runs in a fresh process so that peak-memor
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import subprocess
@@ -25,18 +24,6 @@ import click
 import torch
 
 NETS = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}
-
-
-def _random_vgg(path: str) -> str:
-    """A torchvision-format VGG16 `features` file with random weights: LPIPS costs the same offline."""
-    g, sd, cin = torch.Generator().manual_seed(0), {}, 3
-    for idx, cout in zip([0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28],
-                         [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]):
-        sd[f"features.{idx}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2 / (9 * cin))
-        sd[f"features.{idx}.bias"] = torch.zeros(cout)
-        cin = cout
-    torch.save(sd, path)
-    return path
 
 
 def _sync(device: torch.device) -> None:
@@ -53,14 +40,15 @@ def _peak_bytes(device: torch.device) -> int:
 def measure(net: str, batch: int, distance: str, repeats: int, device: torch.device) -> dict:
     """Run `repeats` timed PID steps (after one warm-up) in this process; returns mean seconds per part."""
     import edm_networks
-    from pid.losses import DistanceConfig, PIDObjective
+    from pid.losses import DistanceConfig, PIDObjective, write_random_vgg16
     from pid.student import student_from_teacher
     from pid.teachers import EDMTeacher
     torch.manual_seed(0)
     teacher = EDMTeacher(edm_networks.build_preset(NETS[net]).eval().requires_grad_(False), NETS[net]).to(device)
     student = student_from_teacher(teacher, NETS[net]).to(device).train()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = DistanceConfig(distance, lpips_vgg=_random_vgg(os.path.join(tmp, "vgg16.pth")) if distance == "lpips" else None)
+        vgg = write_random_vgg16(os.path.join(tmp, "vgg16.pth")) if distance == "lpips" else None
+        cfg = DistanceConfig(distance, lpips_vgg=vgg)
         method = PIDObjective(teacher, 250, cfg).to(device)
     shape = (student.img_channels, student.img_resolution, student.img_resolution)
     gen = torch.Generator(device=device).manual_seed(0)

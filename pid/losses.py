@@ -19,7 +19,7 @@ from torch import nn
 
 from pid.errors import ConfigError, DownloadError
 
-__all__ = ["DistanceConfig", "DISTANCES", "make_distance", "LPIPSDistance", "load_vgg16_features",
+__all__ = ["DistanceConfig", "DISTANCES", "make_distance", "LPIPSDistance", "load_vgg16_features", "write_random_vgg16",
            "karras_grid", "pair_indices", "default_sigma_range", "PIDObjective"]
 
 DISTANCES = ("lpips", "l2", "l1", "pseudo-huber")
@@ -70,6 +70,26 @@ def _vgg_cache_file() -> str:
     import torchvision
     url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+# Conv layer indices of torchvision's VGG16 `features` and their output widths.
+_VGG16_CONVS = list(zip([0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28],
+                        [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]))
+
+
+def write_random_vgg16(path: str, seed: int = 0) -> str:
+    """Write a torchvision-format VGG16 `features` state dict with random (He-scaled) weights; returns `path`.
+
+    A stand-in for `vgg16-397923af.pth` with the right keys and shapes, so the LPIPS code path (and its cost)
+    can be exercised offline; its distances are of course not LPIPS's.
+    """
+    g, state, cin = torch.Generator().manual_seed(seed), {}, 3
+    for idx, cout in _VGG16_CONVS:
+        state[f"features.{idx}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2 / (9 * cin))
+        state[f"features.{idx}.bias"] = torch.zeros(cout)
+        cin = cout
+    torch.save(state, path)
+    return str(path)
 
 
 def load_vgg16_features(path: str | None = None, download: bool = True) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 import edm_networks
 from pid.errors import ConfigError, DownloadError
 from pid.losses import (DistanceConfig, LPIPSDistance, PIDObjective, karras_grid, load_vgg16_features,
-                        make_distance, pair_indices, pseudo_huber_distance)
+                        make_distance, pair_indices, pseudo_huber_distance, write_random_vgg16)
 from pid.student import student_from_teacher
 from pid.teachers import EDMTeacher
 
@@ -119,21 +119,8 @@ def test_simple_distances():
         make_distance("l3")
 
 
-def _fake_vgg_file(path) -> str:
-    """A torchvision-format VGG16 `features` state dict with random weights (no download needed)."""
-    g = torch.Generator().manual_seed(0)
-    sd, cin = {}, 3
-    for idx, cout in zip([0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28],
-                         [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]):
-        sd[f"features.{idx}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2 / (9 * cin))
-        sd[f"features.{idx}.bias"] = torch.zeros(cout)
-        cin = cout
-    torch.save(sd, path)
-    return str(path)
-
-
 def test_lpips_from_local_file(tmp_path):
-    vgg = _fake_vgg_file(tmp_path / "vgg16.pth")
+    vgg = write_random_vgg16(tmp_path / "vgg16.pth")
     lp = LPIPSDistance(resize=32, vgg_path=vgg)
     assert torch.equal(lp.model.net.slice3[10 - 9].weight, torch.load(vgg)["features.10.weight"])
     g = torch.Generator().manual_seed(0)
