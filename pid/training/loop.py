@@ -96,16 +96,17 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=False)
         loss_sum = torch.zeros((), device=self.device)
-        stat_sums: Dict[str, float] = {}
+        stat_sums: Dict[str, torch.Tensor] = {}
         for r in range(rounds):
             loss, stats = self._forward_backward(r, rounds, micro)
             loss_sum += loss
-            for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+            for k, v in stats.items():  # summed on the device: no sync inside the accumulation loop
+                v = torch.as_tensor(v, device=self.device).detach().float()
+                stat_sums[k] = stat_sums[k] + v if k in stat_sums else v
         D.all_reduce_grads_(self.params)
         keys = sorted(stat_sums)
         local = [loss_sum, torch.tensor(float(self._signal_received), device=self.device)]
-        local += [torch.tensor(stat_sums[k], device=self.device) for k in keys]
+        local += [stat_sums[k] for k in keys]
         totals = D.all_reduce_sum_(torch.stack([t.float() for t in local])).tolist()
         self.stop_requested = totals[1] > 0
         record = {"loss": totals[0] / cfg.batch, "lr": lr}

@@ -1,6 +1,6 @@
 """What the trainer needs from a distillation method (PID, moment matching, ...): one loss per micro-batch."""
 
-from typing import Dict, Protocol, Tuple, runtime_checkable
+from typing import Dict, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
@@ -17,8 +17,11 @@ class Method(Protocol):
     name: str
 
     def loss(self, student: torch.nn.Module, batch_size: int, generator: torch.Generator,
-             device: torch.device) -> Tuple[torch.Tensor, Dict[str, float]]:
+             device: torch.device) -> Tuple[torch.Tensor, Dict[str, Union[float, torch.Tensor]]]:
         """Per-sample losses [batch_size] (with grad) and scalar stats for logging.
+
+        A stat may be a Python number or a 0-dim tensor on `device`; prefer tensors on GPU: the trainer sums them
+        on the device, whereas turning one into a float here would stall the GPU between forward and backward.
 
         All randomness of the micro-batch must come from `generator` (on `device`); the trainer runs this
         under autocast for fp16/bf16, so the method must not enable autocast itself.
