@@ -265,7 +265,7 @@ class PIDObjective:
         return lhs, rhs
 
     def loss(self, student: nn.Module, batch_size: int, generator: torch.Generator,
-             device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+             device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample PID losses [B] (with gradient) and logging stats."""
         shape = (student.img_channels, student.img_resolution, student.img_resolution)
         z, labels, n = self.draw(batch_size, shape, student.label_dim, generator, device)
