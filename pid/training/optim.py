@@ -10,10 +10,14 @@ __all__ = ["make_optimizer", "lr_at", "set_lr"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """RAdam (the reference's choice) or Adam with the configured betas, eps and (L2) weight decay."""
+    """RAdam (the reference's choice) or Adam with the configured betas, eps and (L2) weight decay.
+
+    `foreach=True` on every device: torch picks the multi-tensor kernels only for CUDA by default, and on CPU
+    the per-parameter loop took twice as long (Adam on the 446 k-parameter glyphs16 student: 46 → 23 ms a step).
+    """
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[config.optimizer]
     return cls(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
-               weight_decay=config.weight_decay)
+               weight_decay=config.weight_decay, foreach=True)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
