@@ -42,7 +42,8 @@ class EulerOracle(torch.nn.Module):
 @click.option("--teacher", default="builtin:glyphs16")
 @click.option("--num", type=int, default=256, help="Seeds")
 @click.option("--grids", default="4,6,8,12,16,32,250", help="Values of N")
-def main(teacher, num, grids):
+@click.option("--rho", type=float, default=7.0, show_default=True, help="Karras grid exponent")
+def main(teacher, num, grids, rho):
     """Print a markdown table: N, max residual of the Euler oracle, its endpoint RMSE and component accuracy."""
     from pid.exact_eval import exact_metrics, reference_endpoints
     from pid.losses import PIDObjective
@@ -52,7 +53,7 @@ def main(teacher, num, grids):
     print("|---|---|---|---|")
     reference = None
     for N in (int(v) for v in grids.split(",")):
-        obj = PIDObjective(net, N, "l2")
+        obj = PIDObjective(net, N, "l2", rho=rho)
         z, labels, n = obj.draw(num, (net.img_channels, net.img_resolution, net.img_resolution), net.label_dim,
                                 torch.Generator().manual_seed(0), torch.device("cpu"))
         labels64 = None if labels is None else labels.double()
