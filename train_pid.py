@@ -34,7 +34,9 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 def _default_desc(opts: dict) -> str:
     teacher = os.path.basename(str(opts["teacher"])).replace("builtin:", "").removesuffix(".pkl")
-    return f"pid-{teacher}-{opts['loss']}-N{opts['discretization']}-b{opts['batch']}"
+    rho = float(opts.get("rho", 7.0))
+    grid = f"N{opts['discretization']}" + ("" if rho == 7.0 else f"-rho{rho:g}")
+    return f"pid-{teacher}-{opts['loss']}-{grid}-b{opts['batch']}"
 
 
 def build_run(opts: dict):
@@ -78,7 +80,7 @@ def build_run(opts: dict):
 @click.option("--student-preset", default=None, help="Student network for teachers without one (tiny, glyphs16, "
                                                    "glyphs32)  [default: by resolution]")
 @click.option("--discretization", "-N", type=int, default=None, help=f"N, points of the Karras grid  [default: {DEFAULT_RECIPE['discretization']}; presets 250]")
-@click.option("--rho", type=float, default=None, help="Karras grid exponent  [default: 7]")
+@click.option("--rho", type=float, default=None, help=f"Karras grid exponent  [default: {DEFAULT_RECIPE['rho']:g}; presets 7]")
 @click.option("--sigma-min", type=float, default=None, help="σ of one-step generation  [default: teacher's, ≥ 0.002]")
 @click.option("--sigma-max", type=float, default=None, help="T, std of z  [default: teacher's, ≤ 80]")
 @click.option("--loss", type=click.Choice(["lpips", "l2", "l1", "pseudo-huber"]), default=None,
@@ -112,7 +114,7 @@ def build_run(opts: dict):
 @click.option("--detector", default=None, help="Feature network for FID  [default: EDM's Inception]")
 @click.option("--resume", default=None, help="'auto' (newest state in --outdir of the same config), a run dir or a state file")
 @click.option("--device", default=None, help="Device  [default: cuda:LOCAL_RANK if available, else cpu]")
-@click.option("--desc", default=None, help="Run directory suffix  [default: from teacher, loss, N, batch]")
+@click.option("--desc", default=None, help="Run directory suffix  [default: from teacher, loss, N, ρ (when not 7), batch]")
 @click.option("--dry-run", is_flag=True, help="Print the merged settings and exit")
 @user_errors
 def main(preset, dry_run, **given):

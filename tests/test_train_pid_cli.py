@@ -55,6 +55,13 @@ def test_presets_merge_with_explicit_options():
     assert lines["teacher"].endswith("edm-imagenet-64x64-cond-adm.pkl")
     default = dict(line.split(" = ", 1) for line in run_cli(["--dry-run"]).output.strip().splitlines())
     assert default["teacher"] == "builtin:glyphs16" and default["loss"] in ("l2", "l1", "pseudo-huber")
+    # The built-in default spaces its grid for the toy teacher; the reference recipes keep EDM's rho = 7,
+    # also when only an EDM teacher is given.
+    assert float(lines["rho"]) == 7.0 and float(default["rho"]) != 7.0
+    for args in (["--preset=cifar10"], ["--teacher=edm-cifar10-32x32-uncond-vp.pkl"],
+                 ["--preset=cifar10", "--rho=3"]):
+        merged = dict(line.split(" = ", 1) for line in run_cli([*args, "--dry-run"]).output.strip().splitlines())
+        assert float(merged["rho"]) == (3.0 if "--rho=3" in args else 7.0), (args, merged["rho"])
 
 
 def test_tiny_run_end_to_end_and_resume_checks(tmp_path):
