@@ -18,19 +18,6 @@ import click
 import torch
 
 
-def solve_to_zero(teacher, x: torch.Tensor, t0: float, labels, steps: int = 64) -> torch.Tensor:
-    """Deterministic Heun from σ = t0 to 0 (EDM Algorithm 1 with σ(t) = t), float64."""
-    from pid.samplers import karras_sigmas
-    ts = karras_sigmas(steps, 0.002, t0).tolist() + [0.0]
-    for a, b in zip(ts[:-1], ts[1:]):
-        d = (x - teacher(x, a, labels)) / a
-        nxt = x + (b - a) * d
-        if b > 0:
-            nxt = x + (b - a) * (d + (nxt - teacher(nxt, b, labels)) / b) / 2
-        x = nxt
-    return x
-
-
 @click.command()
 @click.option("--ckpt", required=True, help="student-<step>.pt of a run on a built-in teacher")
 @click.option("--ema", default=None, help="EMA to load  [default: the checkpoint's]")
@@ -40,6 +27,7 @@ def main(ckpt, ema, num):
     from pid.exact_eval import reference_endpoints
     from pid.losses import karras_grid
     from pid.metrics.evaluate import seed_inputs
+    from pid.samplers import edm_sampler
     from pid.student import load_student
     from pid.teachers import load_teacher
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -59,7 +47,9 @@ def main(ckpt, ema, num):
     with torch.no_grad():
         for n, t in enumerate(grid):
             x = student(latents * student.sigma_max, t, labels).double()
-            end = x if n == len(grid) - 1 else solve_to_zero(teacher, x, t, labels64)
+            # EDM's deterministic Heun from σ = t (its latents are scaled by sigma_max = t inside)
+            end = x if n == len(grid) - 1 else edm_sampler(teacher, x / t, labels64, randn_like=torch.zeros_like,
+                                                           num_steps=64, sigma_max=t)
             acc = (teacher.component_of(end, labels64) == target).double().mean()
             print(f"| {n} | {t:.3f} | {float(acc):.3f} |")
 
