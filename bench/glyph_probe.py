@@ -58,12 +58,12 @@ def coarse_accuracy(feats: torch.Tensor, comp: torch.Tensor, cls: torch.Tensor) 
 @click.option("--steps", type=int, default=128, help="Heun steps of the reference ODE solve")
 def main(name: str, num: int, steps: int) -> None:
     """Print the coarse (channel-mean) predictor's held-out accuracy for the within-class component."""
-    from bench.pid_default_run import seed_inputs
     from pid.exact_eval import reference_endpoints
+    from pid.metrics.evaluate import seed_inputs
     from pid.toy import builtin_teacher
     teacher = builtin_teacher(name)
     shape = tuple(teacher.means.shape[1:])
-    latents, labels = seed_inputs(num, shape, 10)
+    latents, labels = seed_inputs(list(range(num)), shape, 10, torch.device("cpu"))
     ref = reference_endpoints(teacher, latents.double(), labels.double(), num_steps=steps)
     comp = teacher.component_of(ref, labels.double())
     cls = labels.argmax(1)

@@ -37,27 +37,17 @@ def train_default(outdir: str, extra: tuple[str, ...]) -> tuple[str, float]:
     return run_dir, wall
 
 
-def seed_inputs(num: int, shape, label_dim: int):
-    """EDM's per-seed latents [N,C,H,W] and one-hot labels [N,K] (or None) for seeds 0..num-1."""
-    from pid.seeds import StackedRandomGenerator
-    rnd = StackedRandomGenerator(torch.device("cpu"), list(range(num)))
-    latents = rnd.randn([num, *shape], device="cpu")
-    labels = None
-    if label_dim:
-        labels = torch.eye(label_dim)[rnd.randint(label_dim, size=[num], device="cpu")]
-    return latents, labels
-
-
 def score_rows(run_dir: str, num: int, nfes: tuple[int, ...]) -> tuple[list[dict], dict]:
     """Rows of the table: teacher Heun at each NFE, then the student at every snapshot."""
     from pid.exact_eval import exact_metrics, reference_endpoints
+    from pid.metrics.evaluate import seed_inputs
     from pid.samplers import edm_sampler
     from pid.student import load_student
     from pid.teachers import load_teacher
     config = json.load(open(os.path.join(run_dir, "config.json")))
     teacher = load_teacher(config["extra"]["pid"]["teacher"])
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    latents, labels = seed_inputs(num, shape, teacher.label_dim)
+    latents, labels = seed_inputs(list(range(num)), shape, teacher.label_dim, torch.device("cpu"))
     lat64, lab64 = latents.double(), None if labels is None else labels.double()
     reference = reference_endpoints(teacher, lat64, lab64, num_steps=512)
     rows = []

@@ -30,8 +30,8 @@ def main(ckpt, ema, num):
     from pid.samplers import edm_sampler
     from pid.student import load_student
     from pid.teachers import load_teacher
-    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
-    pid_cfg = raw["run_config"]["extra"]["pid"]
+    from pid.training.checkpoint import read_student_checkpoint
+    pid_cfg = read_student_checkpoint(ckpt)["run_config"]["extra"]["pid"]
     student = load_student(ckpt, ema=ema).eval()
     teacher = load_teacher(pid_cfg["teacher"])
     if not hasattr(teacher, "component_of"):
