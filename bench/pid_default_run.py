@@ -37,8 +37,10 @@ def train_default(outdir: str, extra: tuple[str, ...]) -> tuple[str, float]:
     return run_dir, wall
 
 
-def score_rows(run_dir: str, num: int, nfes: tuple[int, ...]) -> tuple[list[dict], dict]:
-    """Rows of the table: teacher Heun at each NFE, then the student at every snapshot."""
+def score_rows(run_dir: str, num: int, nfes: tuple[int, ...],
+               emas: tuple[str | None, ...] = (None,)) -> tuple[list[dict], dict]:
+    """Rows of the table: teacher Heun at each NFE, then the student at every snapshot (each EMA in `emas`;
+    None: the checkpoint's default EMA)."""
     from pid.exact_eval import exact_metrics, reference_endpoints
     from pid.metrics.evaluate import seed_inputs
     from pid.samplers import edm_sampler
@@ -56,12 +58,15 @@ def score_rows(run_dir: str, num: int, nfes: tuple[int, ...]) -> tuple[list[dict
         images = edm_sampler(teacher, lat64, lab64, num_steps=steps).clamp(-1, 1)
         rows.append({"what": f"teacher Heun, {steps} steps", "nfe": nfe, **exact_metrics(teacher, images, reference, lab64)})
     for path in sorted(glob.glob(os.path.join(run_dir, "student-[0-9]*.pt"))):
-        student = load_student(path)
-        with torch.no_grad():
-            images = torch.cat([student.generate(latents[i:i + 250], None if labels is None else labels[i:i + 250])
-                                for i in range(0, num, 250)]).double()
         step = int(re.findall(r"student-(\d+)\.pt", path)[0])
-        rows.append({"what": f"PID student, step {step}", "nfe": 1, **exact_metrics(teacher, images, reference, lab64)})
+        for ema in emas:
+            student = load_student(path, ema=ema)
+            with torch.no_grad():
+                images = torch.cat([student.generate(latents[i:i + 250],
+                                                     None if labels is None else labels[i:i + 250])
+                                    for i in range(0, num, 250)]).double()
+            what = f"PID student, step {step}" + (f", EMA {ema}" if ema is not None else "")
+            rows.append({"what": what, "nfe": 1, **exact_metrics(teacher, images, reference, lab64)})
     return rows, config
 
 
@@ -71,12 +76,23 @@ def score_rows(run_dir: str, num: int, nfes: tuple[int, ...]) -> tuple[list[dict
 @click.option("--num", type=int, default=1000, help="Seeds 0..num-1")
 @click.option("--nfe", default="1,3,5,9,17,35", help="Teacher NFEs (Heun: NFE = 2·steps − 1)")
 @click.option("--train-arg", multiple=True, help="Extra option for train_pid.py (repeatable)")
-def main(outdir, run_dir, num, nfe, train_arg):
+@click.option("--ema", default=None, help="Comma-separated EMA rates of the snapshots to score (e.g. 0.99,0.995) "
+                                          "[default: each checkpoint's default EMA]")
+def main(outdir, run_dir, num, nfe, train_arg, ema):
     """Train the default run (unless --run-dir) and print the markdown table."""
     wall = None
     if run_dir is None:
         run_dir, wall = train_default(outdir, tuple(train_arg))
-    rows, config = score_rows(run_dir, num, tuple(int(v) for v in nfe.split(",")))
+    from pid.errors import PidError
+    from pid.training.config import ema_name
+    try:
+        emas = (None,) if ema is None else tuple(ema_name(float(v)) for v in ema.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{ema!r} is not a comma-separated list of EMA rates", param_hint="--ema")
+    try:
+        rows, config = score_rows(run_dir, num, tuple(int(v) for v in nfe.split(",")), emas)
+    except PidError as e:
+        raise SystemExit(f"error: {e}")
     print(f"| sampler | NFE | RMSE to exact endpoint | component accuracy | log-likelihood (nats) |")
     print("|---|---|---|---|---|")
     for r in rows:
