@@ -80,15 +80,15 @@ def score_rows(run_dir: str, num: int, nfes: tuple[int, ...],
                                           "[default: each checkpoint's default EMA]")
 def main(outdir, run_dir, num, nfe, train_arg, ema):
     """Train the default run (unless --run-dir) and print the markdown table."""
-    wall = None
-    if run_dir is None:
-        run_dir, wall = train_default(outdir, tuple(train_arg))
     from pid.errors import PidError
     from pid.training.config import ema_name
-    try:
+    try:  # before training, so that a typo does not cost the whole run
         emas = (None,) if ema is None else tuple(ema_name(float(v)) for v in ema.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"{ema!r} is not a comma-separated list of EMA rates", param_hint="--ema")
+    wall = None
+    if run_dir is None:
+        run_dir, wall = train_default(outdir, tuple(train_arg))
     try:
         rows, config = score_rows(run_dir, num, tuple(int(v) for v in nfe.split(",")), emas)
     except PidError as e:
