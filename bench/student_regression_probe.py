@@ -42,12 +42,12 @@ def main(teacher, preset, steps, batch, lr, betas, ema, seed, target_steps, eval
     from pid.metrics.evaluate import seed_inputs
     from pid.student import student_from_teacher
     from pid.teachers import load_teacher
+    from pid.training.ema import EMAs
     spec = teacher
     teacher = load_teacher(spec)
     if not hasattr(teacher, "component_of"):
         raise SystemExit("this probe needs a built-in analytic teacher (builtin:<name>)")
-    torch.manual_seed(seed)
-    student = student_from_teacher(teacher, spec, preset=preset).train()
+    student = student_from_teacher(teacher, spec, preset=preset, seed=seed).train()
     shape = (student.img_channels, student.img_resolution, student.img_resolution)
     gen = torch.Generator().manual_seed(1000 + seed)
     n = steps * batch
@@ -64,7 +64,8 @@ def main(teacher, preset, steps, batch, lr, betas, ema, seed, target_steps, eval
     val_comp = teacher.component_of(val_ref, val_lab64)
     b1, b2 = (float(v) for v in betas.split(","))
     opt = torch.optim.Adam(student.parameters(), lr=lr, betas=(b1, b2), foreach=True)
-    averaged = copy.deepcopy(student).eval().requires_grad_(False)
+    emas = EMAs(student, [ema])
+    averaged = copy.deepcopy(student).eval().requires_grad_(False)  # holds the EMA weights for evaluation
 
     def accuracy(module):
         with torch.no_grad():
@@ -80,10 +81,9 @@ def main(teacher, preset, steps, batch, lr, betas, ema, seed, target_steps, eval
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for pa, p in zip(averaged.parameters(), student.parameters()):
-                pa.lerp_(p, 1 - ema)
+        emas.update(student)
         if step % eval_every == 0 or step == steps:
+            averaged.load_state_dict(next(iter(emas.state_dict().values())))
             acc, out = accuracy(averaged)
             raw, _ = accuracy(student.eval())
             student.train()
