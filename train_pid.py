@@ -78,7 +78,8 @@ def build_run(opts: dict):
                    "batch 2048, fp16); other options override it")
 @click.option("--teacher", default=None, help="EDM pickle path/URL or builtin:glyphs16|glyphs32  [default: builtin:glyphs16]")
 @click.option("--student-preset", default=None, help="Student network for teachers without one (tiny, glyphs16, "
-                                                   "glyphs32)  [default: by resolution]")
+                                                   "glyphs32, glyphs16-ddpmpp, glyphs32-ddpmpp)  [default: "
+                                                   "glyphs<resolution>]")
 @click.option("--discretization", "-N", type=int, default=None, help=f"N, points of the Karras grid  [default: {DEFAULT_RECIPE['discretization']}; presets 250]")
 @click.option("--rho", type=float, default=None, help=f"Karras grid exponent  [default: {DEFAULT_RECIPE['rho']:g}; presets 7]")
 @click.option("--sigma-min", type=float, default=None, help="σ of one-step generation  [default: teacher's, ≥ 0.002]")

@@ -26,9 +26,10 @@ def _teacher(net: str, device: torch.device):
     torch.manual_seed(0)
     if NETS[net] is None:  # the glyphs16 student preset wrapped as an EDM teacher of the same size
         from pid.student_presets import PRESETS
-        kw = {k: v for k, v in PRESETS["glyphs16"].items()}
-        precond = edm_networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=10, model_type="SongUNet",
-                                          sigma_min=0.002, sigma_max=80, **kw)
+        preset = PRESETS["glyphs16"]
+        precond = edm_networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=10,
+                                          model_type=preset["class"], sigma_min=0.002, sigma_max=80,
+                                          **preset["kwargs"])
         return EDMTeacher(precond.eval().requires_grad_(False), "glyphs16-preset").to(device)
     return EDMTeacher(edm_networks.build_preset(NETS[net]).eval().requires_grad_(False), NETS[net]).to(device)
 

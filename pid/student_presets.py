@@ -1,7 +1,7 @@
 """Student network descriptions: named presets for teachers without a network, and specs of copied teacher nets.
 
 A network spec is `{'class': 'SongUNet' | 'DhariwalUNet', 'kwargs': {...}}`: JSON-able, enough to rebuild the
-U-Net (random weights) with `build_network`. Presets are small SongUNets sized for the built-in glyph teachers.
+U-Net (random weights) with `build_network`. Presets are small U-Nets sized for the built-in glyph teachers.
 """
 
 from __future__ import annotations
@@ -20,15 +20,30 @@ NETWORK_CLASSES = ("SongUNet", "DhariwalUNet")
 # DDPM++-style SongUNets (positional embedding, standard encoder/decoder), no dropout.
 _DDPMPP = {"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
            "channel_mult_noise": 1, "resample_filter": [1, 1], "dropout": 0.0}
+# A preset is a network spec without the image/label sizes: {'class': ..., 'kwargs': ...}.
 PRESETS: dict[str, dict] = {
-    "tiny": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "channel_mult_emb": 2, "num_blocks": 1,
-             "attn_resolutions": []},
-    # Down to 2x2 (4x4 at 32 px) so that the deepest features see the whole image: which mixture component the
-    # ODE ends on is a global function of the noise.
-    "glyphs16": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4, "num_blocks": 1,
-                 "attn_resolutions": [2]},
-    "glyphs32": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
-                 "num_blocks": 1, "attn_resolutions": [4]},
+    "tiny": {"class": "SongUNet",
+             "kwargs": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "channel_mult_emb": 2,
+                        "num_blocks": 1, "attn_resolutions": []}},
+    # The built-in glyph teachers' students: small ADM U-Nets (EDM's DhariwalUNet) down to 2x2 (4x4 at 32 px), so
+    # that the deepest features see the whole image: which mixture component the ODE ends on is a global function
+    # of the noise. ADM's blocks modulate each block by the noise level with a scale and a shift after the
+    # normalisation (DDPM++ only adds a shift before it) and start as the identity (zero-initialised last conv);
+    # with the same widths the default PID run learned faster and its steps are cheaper (no attention: 32
+    # channels are fewer than ADM's 64 per head). BENCHMARKS.md, PID (a), compares the two.
+    "glyphs16": {"class": "DhariwalUNet",
+                 "kwargs": {"model_channels": 16, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
+                            "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}},
+    "glyphs32": {"class": "DhariwalUNet",
+                 "kwargs": {"model_channels": 16, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
+                            "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}},
+    # The previous glyph presets (DDPM++ SongUNets with attention at the deepest level), kept for comparison.
+    "glyphs16-ddpmpp": {"class": "SongUNet",
+                        "kwargs": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2, 2, 2],
+                                   "channel_mult_emb": 4, "num_blocks": 1, "attn_resolutions": [2]}},
+    "glyphs32-ddpmpp": {"class": "SongUNet",
+                        "kwargs": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2, 2, 2],
+                                   "channel_mult_emb": 4, "num_blocks": 1, "attn_resolutions": [4]}},
 }
 
 # Constructor parameters of the preconditioners that are not U-Net kwargs (edm.md §3).
@@ -49,12 +64,12 @@ def build_network(spec: dict) -> nn.Module:
 
 def build_preset_network(name: str, img_resolution: int, img_channels: int, label_dim: int,
                          seed: int = 0) -> tuple[nn.Module, dict]:
-    """A randomly initialised preset SongUNet (init drawn from `seed`, global RNG untouched) and its spec."""
+    """A randomly initialised preset U-Net (init drawn from `seed`, global RNG untouched) and its spec."""
     if name not in PRESETS:
         raise ConfigError(f"unknown student preset {name!r}; choose one of {', '.join(PRESETS)}")
     kwargs = {"img_resolution": int(img_resolution), "in_channels": int(img_channels),
-              "out_channels": int(img_channels), "label_dim": int(label_dim), **copy.deepcopy(PRESETS[name])}
-    spec = {"class": "SongUNet", "kwargs": kwargs, "preset": name}
+              "out_channels": int(img_channels), "label_dim": int(label_dim), **copy.deepcopy(PRESETS[name]["kwargs"])}
+    spec = {"class": PRESETS[name]["class"], "kwargs": kwargs, "preset": name}
     with torch.random.fork_rng(devices=[]):  # EDM layers draw their init from the global RNG
         torch.manual_seed(seed)
         net = build_network(spec)

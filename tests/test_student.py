@@ -132,3 +132,25 @@ def test_preset_student_for_builtin_teacher():
     assert out.shape == (2, 3, 16, 16)
     with pytest.raises(ConfigError, match="unknown student preset"):
         student_from_teacher(teacher, preset="huge")
+
+
+@pytest.mark.parametrize("name", ["tiny", "glyphs16", "glyphs32", "glyphs16-ddpmpp", "glyphs32-ddpmpp"])
+def test_every_student_preset_builds_and_round_trips(name):
+    from pid.student_presets import PRESETS
+    res = 32 if name.startswith("glyphs32") else 16
+    teacher = load_teacher(f"builtin:glyphs{res}")
+    student = student_from_teacher(teacher, f"builtin:glyphs{res}", preset=name, seed=3)
+    spec = json.loads(json.dumps(student.export_spec()))
+    assert spec["network"]["class"] == PRESETS[name]["class"] and spec["network"]["preset"] == name
+    assert type(student.net).__name__ == PRESETS[name]["class"]
+    rebuilt = build_student_from_spec(spec)
+    rebuilt.load_state_dict(student.state_dict())
+    z, y = torch.randn(2, 3, res, res), torch.eye(teacher.label_dim)[[0, 5]]
+    torch.testing.assert_close(rebuilt.eval().generate(z, y), student.eval().generate(z, y))
+
+
+def test_builtin_teachers_default_to_their_glyph_preset():
+    teacher = load_teacher("builtin:glyphs16")
+    student = student_from_teacher(teacher, "builtin:glyphs16")
+    assert student.export_spec()["network"]["preset"] == "glyphs16"
+    assert type(student.net).__name__ == "DhariwalUNet"
