@@ -42,7 +42,9 @@ class PIDConfig:
 # step 1000: rho 7 / 3 / 2 / 1.5 = 0.61 / 0.66 / 0.73 / 0.78; rho 1 caps the fixed point at 91%).
 # Adam (beta2=0.99) because RAdam's rectification keeps the step size small for the first thousands of steps;
 # lr 6e-3 scored highest at step 2000 (4e-3 and 8e-3 were within the training-seed spread of ~0.015), and a linear
-# decay did not help. The presets keep the reference's rho=7. Measured results and limits: BENCHMARKS.md, PID section (a).
+# decay did not help. The student is the `glyphs16` preset, a small ADM U-Net (pid.student_presets): with the
+# same recipe it beat the DDPM++ SongUNet of the same widths on three training seeds (lr 4.5e-3 and 9e-3 were worse
+# for it). The presets keep the reference's rho=7. Measured results and limits: BENCHMARKS.md, PID section (a).
 DEFAULT_RECIPE: dict = dict(
     teacher="builtin:glyphs16", student_preset=None, discretization=12, rho=1.5, loss="l2",
     steps=2000, batch=32, lr=6e-3, optimizer="adam", betas="0.9,0.99", precision="fp32", ema="0.995,0.999",
