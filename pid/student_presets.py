@@ -29,8 +29,9 @@ PRESETS: dict[str, dict] = {
     # that the deepest features see the whole image: which mixture component the ODE ends on is a global function
     # of the noise. ADM's blocks modulate each block by the noise level with a scale and a shift after the
     # normalisation (DDPM++ only adds a shift before it) and start as the identity (zero-initialised last conv);
-    # with the same widths the default PID run learned faster and its steps are cheaper (no attention: 32
-    # channels are fewer than ADM's 64 per head). BENCHMARKS.md, PID (a), compares the two.
+    # with the same widths the default PID run learned faster, at no dearer steps (no attention: 32 channels are
+    # fewer than ADM's 64 per head). BENCHMARKS.md, PID (a), compares the two on glyphs16; glyphs32 follows suit
+    # untested in training.
     "glyphs16": {"class": "DhariwalUNet",
                  "kwargs": {"model_channels": 16, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
                             "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}},

@@ -13,7 +13,8 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) ->
     """RAdam (the reference's choice) or Adam with the configured betas, eps and (L2) weight decay.
 
     `foreach=True` on every device: torch picks the multi-tensor kernels only for CUDA by default, and on CPU
-    the per-parameter loop took twice as long (Adam on the 446 k-parameter SongUNet student preset, now glyphs16-ddpmpp: 46 → 23 ms a step).
+    the per-parameter loop took twice as long (Adam on the 446 k-parameter SongUNet student preset, now
+    glyphs16-ddpmpp: 46 → 23 ms a step).
     """
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[config.optimizer]
     return cls(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
