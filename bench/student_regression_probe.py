@@ -38,7 +38,7 @@ import torch
 @click.option("--eval-every", type=int, default=500, show_default=True)
 @click.option("--num", type=int, default=1000, show_default=True, help="evaluation seeds 0..num-1")
 def main(teacher, preset, steps, batch, lr, betas, ema, seed, target_steps, eval_every, num):
-    from pid.exact_eval import heun_endpoints, reference_endpoints
+    from pid.exact_eval import exact_metrics, heun_endpoints, reference_endpoints
     from pid.metrics.evaluate import seed_inputs
     from pid.student import student_from_teacher
     from pid.teachers import load_teacher
@@ -61,16 +61,14 @@ def main(teacher, preset, steps, batch, lr, betas, ema, seed, target_steps, eval
     val_lat, val_lab = seed_inputs(list(range(num)), shape, student.label_dim, torch.device("cpu"))
     val_lab64 = None if val_lab is None else val_lab.double()
     val_ref = reference_endpoints(teacher, val_lat.double(), val_lab64)
-    val_comp = teacher.component_of(val_ref, val_lab64)
     b1, b2 = (float(v) for v in betas.split(","))
     opt = torch.optim.Adam(student.parameters(), lr=lr, betas=(b1, b2), foreach=True)
     emas = EMAs(student, [ema])
     averaged = copy.deepcopy(student).eval().requires_grad_(False)  # holds the EMA weights for evaluation
 
-    def accuracy(module):
+    def score(module):
         with torch.no_grad():
-            out = module.generate(val_lat, val_lab).double()
-        return float((teacher.component_of(out, val_lab64) == val_comp).double().mean()), out
+            return exact_metrics(teacher, module.generate(val_lat, val_lab), val_ref, val_lab64)
 
     print(f"| step | EMA {ema} component accuracy | raw weights | EMA RMSE to the exact endpoint |")
     print("|---|---|---|---|")
@@ -84,11 +82,10 @@ def main(teacher, preset, steps, batch, lr, betas, ema, seed, target_steps, eval
         emas.update(student)
         if step % eval_every == 0 or step == steps:
             averaged.load_state_dict(next(iter(emas.state_dict().values())))
-            acc, out = accuracy(averaged)
-            raw, _ = accuracy(student.eval())
+            ema_metrics, raw_metrics = score(averaged), score(student.eval())
             student.train()
-            rmse = float((out - val_ref).square().flatten(1).mean(1).sqrt().mean())
-            print(f"| {step} | {acc:.3f} | {raw:.3f} | {rmse:.4f} |", flush=True)
+            print(f"| {step} | {ema_metrics['component_accuracy']:.3f} | {raw_metrics['component_accuracy']:.3f} "
+                  f"| {ema_metrics['rmse']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
