@@ -10,6 +10,7 @@ import edm_networks
 from pid.errors import CheckpointError, ConfigError
 from pid.student import (PIDStudent, build_student_from_spec, is_student_checkpoint, load_student,
                          student_from_teacher)
+from pid.student_presets import PRESETS
 from pid.teachers import EDMTeacher, load_teacher
 
 TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.13)
@@ -134,9 +135,8 @@ def test_preset_student_for_builtin_teacher():
         student_from_teacher(teacher, preset="huge")
 
 
-@pytest.mark.parametrize("name", ["tiny", "glyphs16", "glyphs32", "glyphs16-ddpmpp", "glyphs32-ddpmpp"])
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_student_preset_builds_and_round_trips(name):
-    from pid.student_presets import PRESETS
     res = 32 if name.startswith("glyphs32") else 16
     teacher = load_teacher(f"builtin:glyphs{res}")
     student = student_from_teacher(teacher, f"builtin:glyphs{res}", preset=name, seed=3)
