@@ -97,7 +97,12 @@ def test_init_matches_edm(edm_vectors, name):
         head = torch.tensor(stats["head"], dtype=torch.float64)
         torch.testing.assert_close(t.flatten()[:len(head)], head, rtol=1e-6, atol=1e-9, msg=key)
     for attr, value in kwargs["precond_attrs"].items():
-        assert getattr(net, attr) == value, attr
+        # iDDPM's sigma_max ends a 1000-step float32 recursion: one ulp of sin() in another torch build moves it
+        # by one float32 ulp (20291.169921875 vs EDM's 20291.171875 with torch 2.14.1), hence the 1e-6 tolerance.
+        if isinstance(value, float):
+            assert math.isclose(getattr(net, attr), value, rel_tol=1e-6, abs_tol=0), attr
+        else:
+            assert getattr(net, attr) == value, attr
     assert sum(p.numel() for p in net.parameters()) == d["num_params"]
     assert sum(b.numel() for b in net.buffers()) == d["num_buffer_elems"]
     assert net.init_kwargs == kwargs["edm_constructor_kwargs"]
@@ -118,13 +123,16 @@ def test_iddpm_noise_levels_and_rounding(edm_vectors):
     net = iDDPMPrecond(img_resolution=8, img_channels=3, model_channels=32, channel_mult=[1], num_blocks=1,
                        attn_resolutions=[])
     assert net.u.dtype == torch.float32 and net.u.shape == (1001,)
-    assert net.u.tolist() == schedules["u"]
-    assert (net.sigma_min, net.sigma_max) == (schedules["net_sigma_min"], schedules["net_sigma_max"])
+    # Float32 recursion over 1000 steps: a one-ulp difference of sin() between torch builds (608 of the 1001
+    # entries differ by an ulp or two with torch 2.14.1 on this CPU) must not fail us; 1e-6 is ~8 ulps.
+    torch.testing.assert_close(net.u, torch.tensor(schedules["u"], dtype=torch.float32), rtol=1e-6, atol=0)
+    assert net.sigma_min == pytest.approx(schedules["net_sigma_min"], rel=1e-6)
+    assert net.sigma_max == pytest.approx(schedules["net_sigma_max"], rel=1e-6)
     assert net.state_dict()["u"].shape == (1001,)
     sigma = torch.tensor([[80.0], [0.0]], dtype=torch.float64)
     rounded = net.round_sigma(sigma)
     assert rounded.shape == sigma.shape and rounded.dtype == torch.float64
-    assert rounded[0, 0].item() == schedules["edm_sampler_18"]["sigmas_called"][0]
+    assert rounded[0, 0].item() == pytest.approx(schedules["edm_sampler_18"]["sigmas_called"][0], rel=1e-6)
     assert rounded[1, 0].item() == 0.0
     assert net.round_sigma(sigma, return_index=True).flatten().tolist() == [8, 1000]
 
