@@ -30,16 +30,16 @@ def _is_student(spec: str) -> bool:
     if spec.startswith(BUILTIN_PREFIX) or not os.path.isfile(spec) or not zipfile.is_zipfile(spec):
         return False
     try:
-        from pid.student import is_student_checkpoint
+        from pid.methods.pid.student import is_student_checkpoint
     except ImportError:
-        raise CheckpointError(f"{spec} looks like a student checkpoint, but this install has no pid.student.")
+        raise CheckpointError(f"{spec} looks like a student checkpoint, but this install has no pid.methods.pid.")
     return bool(is_student_checkpoint(spec))
 
 
 def load_generator(spec: str, device: torch.device):
     """(module, is_student): a student (`generate(latents, labels)`) or a teacher denoiser (`D(x, σ, labels)`)."""
     if _is_student(spec):
-        from pid.student import load_student
+        from pid.methods.pid.student import load_student
         return load_student(spec, device=device), True
     if not spec.startswith(BUILTIN_PREFIX) and not os.path.isfile(spec) and "://" not in spec:
         raise CheckpointError(f"--ckpt {spec}: no such file. Give an EDM network pickle, a student checkpoint "

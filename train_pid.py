@@ -15,7 +15,7 @@ import os
 import click
 
 from pid.cli import user_errors
-from pid.pid_recipes import DEFAULT_RECIPE, PRESETS, pid_config_from, resolve_options
+from pid.methods.pid.recipes import DEFAULT_RECIPE, PRESETS, pid_config_from, resolve_options
 
 _TRAIN_FIELDS = ("outdir", "steps", "batch", "batch_gpu", "lr", "optimizer", "betas", "eps", "weight_decay", "warmup",
                  "lr_schedule", "grad_clip", "precision", "ema", "default_ema", "seed", "snap", "keep_states",
@@ -41,8 +41,9 @@ def _default_desc(opts: dict) -> str:
 
 def build_run(opts: dict):
     """(TrainConfig, PIDObjective, student, extra_config, evaluate) from merged options; loads the teacher."""
-    from pid.losses import DistanceConfig, PIDObjective
-    from pid.student import student_from_teacher
+    from pid.distances import DistanceConfig
+    from pid.methods.pid import PIDObjective
+    from pid.methods.pid.student import student_from_teacher
     from pid.teachers import load_teacher
     from pid.training import TrainConfig
     pcfg = pid_config_from(opts)

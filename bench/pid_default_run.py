@@ -44,7 +44,7 @@ def score_rows(run_dir: str, num: int, nfes: tuple[int, ...],
     from pid.exact_eval import exact_metrics, reference_endpoints
     from pid.metrics.evaluate import seed_inputs
     from pid.samplers import edm_sampler
-    from pid.student import load_student
+    from pid.methods.pid.student import load_student
     from pid.teachers import load_teacher
     config = json.load(open(os.path.join(run_dir, "config.json")))
     teacher = load_teacher(config["extra"]["pid"]["teacher"])

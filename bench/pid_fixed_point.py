@@ -46,7 +46,7 @@ class EulerOracle(torch.nn.Module):
 def main(teacher, num, grids, rho):
     """Print a markdown table: N, max residual of the Euler oracle, its endpoint RMSE and component accuracy."""
     from pid.exact_eval import exact_metrics, reference_endpoints
-    from pid.losses import PIDObjective
+    from pid.methods.pid import PIDObjective
     from pid.teachers import load_teacher
     net = load_teacher(teacher)
     print("| N | max PID residual of the oracle (L2) | endpoint RMSE | component accuracy |")

@@ -55,7 +55,7 @@ def _rate(fn, batch: int, repeats: int, device: torch.device) -> float:
 def main(net, batch, repeats, device):
     """Print a markdown table: images/s of the one-step student and of the 35-NFE teacher."""
     from pid.samplers import edm_sampler
-    from pid.student import student_from_teacher
+    from pid.methods.pid.student import student_from_teacher
     device = torch.device(device)
     teacher = _teacher(net, device)
     student = student_from_teacher(teacher, "bench").to(device).eval()

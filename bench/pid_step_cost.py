@@ -40,8 +40,9 @@ def _peak_bytes(device: torch.device) -> int:
 def measure(net: str, batch: int, distance: str, repeats: int, device: torch.device) -> dict:
     """Run `repeats` timed PID steps (after one warm-up) in this process; returns mean seconds per part."""
     import edm_networks
-    from pid.losses import DistanceConfig, PIDObjective, write_random_vgg16
-    from pid.student import student_from_teacher
+    from pid.distances import DistanceConfig, write_random_vgg16
+    from pid.methods.pid import PIDObjective
+    from pid.methods.pid.student import student_from_teacher
     from pid.teachers import EDMTeacher
     torch.manual_seed(0)
     teacher = EDMTeacher(edm_networks.build_preset(NETS[net]).eval().requires_grad_(False), NETS[net]).to(device)

@@ -33,10 +33,10 @@ import torch
 def main(ckpt, ema, num):
     """Print a markdown table: grid index, t_n, component accuracy of the exact ODE continued from x_θ(z, t_n)."""
     from pid.exact_eval import reference_endpoints
-    from pid.losses import PIDObjective, karras_grid
+    from pid.methods.pid import PIDObjective, karras_grid
     from pid.metrics.evaluate import seed_inputs
     from pid.samplers import edm_sampler
-    from pid.student import load_student
+    from pid.methods.pid.student import load_student
     from pid.teachers import load_teacher
     from pid.training.checkpoint import read_student_checkpoint
     pid_cfg = read_student_checkpoint(ckpt)["run_config"]["extra"]["pid"]

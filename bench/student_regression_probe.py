@@ -40,7 +40,7 @@ import torch
 def main(teacher, preset, steps, batch, lr, betas, ema, seed, target_steps, eval_every, num):
     from pid.exact_eval import exact_metrics, heun_endpoints, reference_endpoints
     from pid.metrics.evaluate import seed_inputs
-    from pid.student import student_from_teacher
+    from pid.methods.pid.student import student_from_teacher
     from pid.teachers import load_teacher
     from pid.training.ema import EMAs
     spec = teacher

@@ -5,6 +5,7 @@ built-in analytic teacher (`pid.toy`). Every teacher exposes img_resolution, img
 sigma_min, sigma_max and sigma_data; EDM teachers also expose the wrapped preconditioner as `.net`.
 """
 
+import math
 import os
 import pickle
 import zipfile
@@ -16,9 +17,19 @@ from torch import nn
 from pid.download import cached_path, is_url
 from pid.errors import CheckpointError
 
-__all__ = ["EDMTeacher", "load_teacher", "BUILTIN_PREFIX"]
+__all__ = ["EDMTeacher", "load_teacher", "BUILTIN_PREFIX", "default_sigma_range"]
 
 BUILTIN_PREFIX = "builtin:"
+
+
+def default_sigma_range(teacher: nn.Module) -> tuple:
+    """(σ_min, σ_max) of the distillation: the teacher's range clipped to EDM's sampler defaults [0.002, 80].
+
+    EDM's released EDMPrecond pickles carry σ ∈ [0, ∞); like EDM's generate.py, we clip to [0.002, 80].
+    """
+    lo = max(0.002, float(getattr(teacher, "sigma_min", 0.0)))
+    hi = min(80.0, float(getattr(teacher, "sigma_max", math.inf)))
+    return lo, hi
 
 
 class EDMTeacher(nn.Module):

@@ -114,7 +114,7 @@ def test_class_option(tmp_path):
 
 
 def test_student_checkpoint_one_call_per_batch(tmp_path, monkeypatch):
-    student_mod = pytest.importorskip("pid.student")  # the student lands with issue 4
+    student_mod = pytest.importorskip("pid.methods.pid.student")  # the student lands with issue 4
     from pid.training.checkpoint import write_student_checkpoint
     student = student_mod.student_from_teacher(load_teacher("builtin:glyphs16"), "builtin:glyphs16")
     path = tmp_path / "student-000000.pt"

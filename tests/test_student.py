@@ -8,7 +8,7 @@ import torch
 
 import edm_networks
 from pid.errors import CheckpointError, ConfigError
-from pid.student import (PIDStudent, build_student_from_spec, is_student_checkpoint, load_student,
+from pid.methods.pid.student import (PIDStudent, build_student_from_spec, is_student_checkpoint, load_student,
                          student_from_teacher)
 from pid.student_presets import PRESETS
 from pid.teachers import EDMTeacher, load_teacher

@@ -65,7 +65,7 @@ def test_presets_merge_with_explicit_options():
 
 
 def test_tiny_run_end_to_end_and_resume_checks(tmp_path):
-    from pid.student import load_student
+    from pid.methods.pid.student import load_student
     out = str(tmp_path / "runs")
     result = run_cli([f"--outdir={out}", *TINY, "--steps=2", "--snap=2"])
     assert result.exit_code == 0, result.output

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pid.errors import CheckpointError, ConfigError
-from pid.losses import default_sigma_range
+from pid.teachers import default_sigma_range
 from pid.student_presets import PRESETS, build_preset_network, network_spec, build_network
 
 __all__ = ["NoiseConditioning", "PIDStudent", "student_from_teacher", "build_student_from_spec", "load_student",

@@ -8,9 +8,10 @@ import torch
 
 import edm_networks
 from pid.errors import ConfigError, DownloadError
-from pid.losses import (DistanceConfig, LPIPSDistance, PIDObjective, karras_grid, load_vgg16_features,
-                        make_distance, pair_indices, pseudo_huber_distance, write_random_vgg16)
-from pid.student import student_from_teacher
+from pid.distances import (DistanceConfig, LPIPSDistance, load_vgg16_features, make_distance,
+                           pseudo_huber_distance, write_random_vgg16)
+from pid.methods.pid import PIDObjective, karras_grid, pair_indices
+from pid.methods.pid.student import student_from_teacher
 from pid.teachers import EDMTeacher
 
 TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)

@@ -1,0 +1,105 @@
+"""The PID objective (Physics Informed Distillation, Tee et al. 2024): the residual loss on an N-point grid.
+
+`PIDObjective` implements the trainer's `Method` protocol (see pid.training); distances live in pid.distances.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pid.distances import DistanceConfig, make_distance
+from pid.errors import ConfigError
+from pid.teachers import default_sigma_range
+
+__all__ = ["karras_grid", "pair_indices", "PIDObjective"]
+
+
+def karras_grid(num: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """N-point Karras σ grid, float64 [num], index 0 = sigma_max, index num−1 = sigma_min (PID §(a))."""
+    if num < 2:
+        raise ConfigError(f"the discretization needs at least 2 grid points, got {num}")
+    n = torch.arange(num, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + n / (num - 1) * (lo - hi)) ** rho
+
+
+def pair_indices(n: torch.Tensor, num: int) -> torch.Tensor:
+    """The neighbour used for the finite difference: n+1, except the last index N−1, which pairs with N−2."""
+    m = n + 1
+    return torch.where(m == num, torch.full_like(m, num - 2), m)
+
+
+class PIDObjective:
+    """The PID residual loss, one micro-batch at a time (implements the trainer's `Method` protocol).
+
+    For z ~ N(0, T²I) and a grid index n drawn uniformly from {0..N−1} per sample (t = t_n, t' = t_{n'}):
+        X, X' = x_θ(z, t), x_θ(z, t')                 (one student call on the 2B batch; both carry gradient)
+        lhs   = X − t·(X − X')/(t − t')               (x − t·dx/dt with a first-order finite difference)
+        rhs   = D_φ(sg(X), t)                         (teacher, no gradient at all)
+        loss  = d(lhs, rhs), time weight 1.
+    Randomness is drawn from the given generator in this order: z, labels (if conditional), n.
+    """
+
+    name = "pid"
+
+    def __init__(self, teacher: nn.Module, num_steps: int = 250, distance: DistanceConfig | str = "l2",
+                 sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
+                 device: torch.device | str | None = None):
+        self.teacher = teacher
+        self.num_steps = int(num_steps)
+        lo, hi = default_sigma_range(teacher)
+        self.sigma_min = float(sigma_min if sigma_min is not None else lo)
+        self.sigma_max = float(sigma_max if sigma_max is not None else hi)
+        self.rho = float(rho)
+        self.distance_config = DistanceConfig(name=distance) if isinstance(distance, str) else distance
+        self.distance = make_distance(self.distance_config, device)
+        self.grid = karras_grid(self.num_steps, self.sigma_min, self.sigma_max, self.rho).float()
+
+    def to(self, device: torch.device | str) -> "PIDObjective":
+        """Move the teacher and the distance network (LPIPS) to `device` (the trainer calls this)."""
+        self.teacher.to(device)
+        if isinstance(self.distance, nn.Module):
+            self.distance.to(device)
+        return self
+
+    def config_dict(self) -> dict:
+        """JSON-able description; a resumed run must have the same one."""
+        return {"name": self.name, "discretization": self.num_steps, "sigma_min": self.sigma_min,
+                "sigma_max": self.sigma_max, "rho": self.rho, "distance": vars(self.distance_config).copy()}
+
+    def draw(self, batch_size: int, shape: tuple[int, int, int], label_dim: int, generator: torch.Generator,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """This micro-batch's randomness: z [B,C,H,W] (std σ_max), one-hot labels [B,K] or None, indices n [B]."""
+        gdev = generator.device
+        z = torch.randn((batch_size, *shape), generator=generator, device=gdev) * self.sigma_max
+        labels = None
+        if label_dim > 0:
+            idx = torch.randint(label_dim, (batch_size,), generator=generator, device=gdev)
+            labels = torch.eye(label_dim, device=gdev)[idx]
+        n = torch.randint(self.num_steps, (batch_size,), generator=generator, device=gdev)
+        return z.to(device), (labels.to(device) if labels is not None else None), n.to(device)
+
+    def residual(self, student: nn.Module, z: torch.Tensor, labels: torch.Tensor | None,
+                 n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lhs with gradient, detached teacher target), both [B,C,H,W], for given noise and grid indices."""
+        grid = self.grid.to(z.device)
+        t, t2 = grid[n], grid[pair_indices(n, self.num_steps)]
+        both = student(torch.cat([z, z]), torch.cat([t, t2]),
+                       None if labels is None else torch.cat([labels, labels]))
+        x, x2 = both.float().chunk(2)
+        t4, t24 = t.view(-1, 1, 1, 1), t2.view(-1, 1, 1, 1)
+        lhs = x - t4 * (x - x2) / (t4 - t24)
+        with torch.no_grad():
+            rhs = self.teacher(x.detach(), t, labels).float()
+        return lhs, rhs
+
+    def loss(self, student: nn.Module, batch_size: int, generator: torch.Generator,
+             device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample PID losses [B] (with gradient) and logging stats."""
+        shape = (student.img_channels, student.img_resolution, student.img_resolution)
+        z, labels, n = self.draw(batch_size, shape, student.label_dim, generator, device)
+        lhs, rhs = self.residual(student, z, labels, n)
+        losses = self.distance(lhs, rhs)
+        stats = {"residual_rms": (lhs.detach() - rhs).square().mean().sqrt()}  # a tensor: no GPU sync here
+        return losses, stats
