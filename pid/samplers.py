@@ -11,7 +11,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-__all__ = ["karras_sigmas", "edm_sampler", "ablation_sampler", "round_sigma"]
+__all__ = ["karras_sigmas", "edm_sampler", "ablation_sampler", "round_sigma", "mm_sigma", "ve_posterior",
+           "ancestral_sampler"]
 
 
 def round_sigma(net, sigma) -> torch.Tensor:
@@ -164,3 +165,58 @@ def ablation_sampler(net, latents: torch.Tensor, class_labels: Optional[torch.Te
             d_prime = slope(x_hat + alpha * h * d_cur, t_hat + alpha * h)
             x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
     return x_next
+
+
+# ------------------------------------------------------------------------------ moment matching's Algorithm 1
+def mm_sigma(t, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """σ(t) for moment matching's time t ∈ [0, 1]: Karras interpolation, σ(0) = σ_min, σ(1) = σ_max (float64).
+
+    A uniform t-grid is EDM's ρ-spaced grid (docs/moment_matching.md §(a)); ρ → ∞ approaches uniform log σ.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (lo + t * (hi - lo)) ** rho
+
+
+def ve_posterior(z_t: torch.Tensor, x: torch.Tensor, sigma_t, sigma_s) -> tuple:
+    """Mean and std of q(z_s | z_t, x) for the variance-exploding process z_σ = x + σ·ε, σ_s < σ_t.
+
+    r = σ_s²/σ_t²; mean = r·z_t + (1 − r)·x; var = σ_s²·(σ_t² − σ_s²)/σ_t² (paper §2 with α ≡ 1). Computed in
+    float64 (the ratio of two squared noise levels loses digits in float32 near σ_s ≈ σ_t). sigma_t, sigma_s:
+    scalars or per-sample [B] tensors. Returns (mean float64 [B,C,H,W], std float64 [B,1,1,1] or scalar tensor).
+    """
+    st = torch.as_tensor(sigma_t, dtype=torch.float64, device=z_t.device)
+    ss = torch.as_tensor(sigma_s, dtype=torch.float64, device=z_t.device)
+    if st.ndim:
+        st, ss = st.reshape(-1, 1, 1, 1), ss.reshape(-1, 1, 1, 1)
+    r = ss ** 2 / st ** 2
+    mean = r * z_t.to(torch.float64) + (1 - r) * x.to(torch.float64)
+    std = (ss ** 2 * (st ** 2 - ss ** 2) / st ** 2).clamp(min=0).sqrt()
+    return mean, std
+
+
+@torch.no_grad()
+def ancestral_sampler(net, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                      randn_like: Callable = torch.randn_like, num_steps: int = 4, sigma_min: float = 0.002,
+                      sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """Moment matching's Algorithm 1: k = num_steps denoiser calls on the grid t = 1, (k−1)/k, …, 1/k.
+
+    z = σ(1)·latents; at each t: x̃ = net(z, σ(t)), then z ~ q(z_s | z, x̃) with s = t − 1/k (float64, one
+    `randn_like` per step except the last); the last call's x̃ is returned. Works for any denoiser
+    `net(x, sigma, class_labels)` (an EDM teacher, a built-in teacher, an MM generator). σ_min/σ_max are clipped
+    to the net's range as in `edm_sampler`. latents: unit-normal [N,C,H,W]; returns float64 [N,C,H,W].
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    sigma_min = max(sigma_min, getattr(net, "sigma_min", sigma_min))
+    sigma_max = min(sigma_max, getattr(net, "sigma_max", sigma_max))
+    t = torch.arange(num_steps, 0, -1, dtype=torch.float64) / num_steps
+    sigmas = round_sigma(net, mm_sigma(t, sigma_min, sigma_max, rho).to(latents.device))
+    z = latents.to(torch.float64) * sigmas[0]
+    x = z
+    for i, sigma in enumerate(sigmas):
+        x = net(z.to(latents.dtype), sigma, class_labels).to(torch.float64)
+        if i + 1 < num_steps:
+            mean, std = ve_posterior(z, x, sigma, sigmas[i + 1])
+            z = mean + std * randn_like(z)
+    return x
