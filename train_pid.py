@@ -14,22 +14,8 @@ import os
 
 import click
 
-from pid.cli import user_errors
+from pid.cli import echo_options, limit_threads, train_config_from, train_options, user_errors
 from pid.methods.pid.recipes import DEFAULT_RECIPE, PRESETS, pid_config_from, resolve_options
-
-_TRAIN_FIELDS = ("outdir", "steps", "batch", "batch_gpu", "lr", "optimizer", "betas", "eps", "weight_decay", "warmup",
-                 "lr_schedule", "grad_clip", "precision", "ema", "default_ema", "seed", "snap", "keep_states",
-                 "grid_every", "grid_seeds", "log_every", "eval_every", "resume", "device", "desc")
-
-
-def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    from pid.errors import ConfigError
-    try:
-        return tuple(float(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{option} expects comma-separated numbers, got {text!r}") from None
 
 
 def _default_desc(opts: dict) -> str:
@@ -45,18 +31,8 @@ def build_run(opts: dict):
     from pid.methods.pid import PIDObjective
     from pid.methods.pid.student import student_from_teacher
     from pid.teachers import load_teacher
-    from pid.training import TrainConfig
     pcfg = pid_config_from(opts)
-    train_kw = {k: opts[k] for k in _TRAIN_FIELDS if opts.get(k) is not None}
-    train_kw["ema"] = _floats(opts["ema"], "--ema")
-    train_kw["betas"] = _floats(opts.get("betas"), "--betas") or (0.9, 0.999)
-    train_kw["grad_clip"] = opts.get("grad_clip")
-    if str(opts.get("default_ema")).lower() == "raw":
-        train_kw["default_ema"] = None
-    elif opts.get("default_ema") is not None:
-        train_kw["default_ema"] = float(opts["default_ema"])
-    train_kw.setdefault("desc", _default_desc(opts))
-    config = TrainConfig(**train_kw)
+    config = train_config_from(opts, _default_desc(opts))
     distance = DistanceConfig(name=pcfg.loss, huber_c=pcfg.huber_c, lpips_resize=pcfg.lpips_resize,
                               lpips_vgg=pcfg.lpips_vgg)
     teacher = load_teacher(pcfg.teacher)
@@ -90,45 +66,15 @@ def build_run(opts: dict):
 @click.option("--huber-c", type=float, default=None, help="pseudo-Huber c  [default: 0.00054·sqrt(C·H·W)]")
 @click.option("--lpips-resize", type=int, default=None, help="Bilinear resize before LPIPS (0 = none)  [default: 224]")
 @click.option("--lpips-vgg", default=None, help="torchvision VGG16 weights file for LPIPS  [default: torchvision cache]")
-@click.option("--steps", type=int, default=None, help=f"Optimizer steps  [default: {DEFAULT_RECIPE['steps']}]")
-@click.option("--batch", type=int, default=None, help=f"Global batch  [default: {DEFAULT_RECIPE['batch']}]")
-@click.option("--batch-gpu", type=int, default=None, help="Images per forward/backward per process (accumulate)")
-@click.option("--lr", type=float, default=None, help=f"Learning rate  [default: {DEFAULT_RECIPE['lr']:g}]")
-@click.option("--optimizer", type=click.Choice(["radam", "adam"]), default=None, help=f"Optimizer  [default: {DEFAULT_RECIPE['optimizer']}; presets radam]")
-@click.option("--betas", default=None, help="Adam/RAdam betas, e.g. 0.9,0.999")
-@click.option("--eps", type=float, default=None, help="Adam/RAdam eps  [default: 1e-8]")
-@click.option("--weight-decay", type=float, default=None, help="Weight decay  [default: 0]")
-@click.option("--warmup", type=int, default=None, help="Linear LR warm-up steps  [default: 0]")
-@click.option("--lr-schedule", type=click.Choice(["constant", "linear"]), default=None, help="[default: constant]")
-@click.option("--grad-clip", type=float, default=None, help="Max global gradient norm  [default: none]")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="[default: fp32]")
-@click.option("--ema", default=None, help=f"EMA decay rates, comma-separated  [default: {DEFAULT_RECIPE['ema']}]")
-@click.option("--default-ema", default=None, help="EMA used for samples/evaluation/export, or 'raw'")
-@click.option("--seed", type=int, default=None, help="Random seed (noise, grid indices, student init)  [default: 0]")
-@click.option("--snap", type=int, default=None, help="Steps between student/state snapshots")
-@click.option("--keep-states", type=int, default=None, help="Training states kept (0 = all)  [default: 2]")
-@click.option("--grid-every", type=int, default=None, help="Steps between sample grids (0 = never)")
-@click.option("--grid-seeds", type=int, default=None, help="Seeds in the sample grid")
-@click.option("--log-every", type=int, default=None, help="Steps between log lines")
-@click.option("--eval-every", type=int, default=None, help="Steps between evaluations (0 = never)")
-@click.option("--eval-num", type=int, default=None, help="Images per evaluation")
-@click.option("--fid-ref", default=None, help="FID reference statistics (.npz path/URL); needed for EDM teachers")
-@click.option("--detector", default=None, help="Feature network for FID  [default: EDM's Inception]")
-@click.option("--resume", default=None, help="'auto' (newest state in --outdir of the same config), a run dir or a state file")
-@click.option("--device", default=None, help="Device  [default: cuda:LOCAL_RANK if available, else cpu]")
-@click.option("--desc", default=None, help="Run directory suffix  [default: from teacher, loss, N, ρ (when not 7), batch]")
-@click.option("--dry-run", is_flag=True, help="Print the merged settings and exit")
+@train_options(DEFAULT_RECIPE)
 @user_errors
 def main(preset, dry_run, **given):
     """Distill a teacher into a one-step PID student."""
     opts = resolve_options(preset, given)
     if dry_run:
-        for k in sorted(opts):
-            click.echo(f"{k} = {opts[k]}")
+        echo_options(opts)
         return
-    import torch
-    if os.environ.get("OMP_NUM_THREADS") is None and os.environ.get("WORLD_SIZE") is None:
-        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    limit_threads()
     config, method, student, extra, evaluate = build_run(opts)
     from pid.training import train
     run_dir = train(config, method, student, extra_config=extra, evaluate=evaluate)

@@ -1,12 +1,122 @@
-"""Shared helpers for the click front-ends: user errors become one line and a non-zero exit."""
+"""Shared helpers for the click front-ends: user errors become one line and a non-zero exit, and the one
+option→config layer of the training scripts (train_pid.py, train_mm.py): the trainer's options, how a recipe,
+a preset and the given options merge, and how they become a `pid.training.TrainConfig`.
+"""
+
+from __future__ import annotations
 
 import functools
+import os
 
 import click
 
-from pid.errors import PidError
+from pid.errors import ConfigError, PidError
 
-__all__ = ["user_errors"]
+__all__ = ["user_errors", "train_options", "merge_options", "train_config_from", "parse_floats", "TRAIN_FIELDS",
+           "echo_options", "limit_threads"]
+
+# TrainConfig fields that a training script's options set one to one.
+TRAIN_FIELDS = ("outdir", "steps", "batch", "batch_gpu", "lr", "optimizer", "betas", "eps", "weight_decay", "warmup",
+                "lr_schedule", "grad_clip", "precision", "ema", "default_ema", "seed", "snap", "keep_states",
+                "grid_every", "grid_seeds", "log_every", "eval_every", "resume", "device", "desc")
+
+
+def parse_floats(text, option: str):
+    """'0.9,0.99' → (0.9, 0.99); None stays None; anything else is a ConfigError naming the option."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
+def merge_options(default: dict, presets: dict, preset, given: dict, edm_base: str | None = None) -> dict:
+    """Embedded default ← preset ← options given explicitly (None means "not given").
+
+    An EDM teacher given without a preset starts from preset `edm_base` (the real-teacher recipe, not the toy one).
+    """
+    if preset is not None and preset not in presets:
+        raise ConfigError(f"unknown --preset={preset!r}; choose one of {', '.join(presets)}")
+    opts = dict(default)
+    if preset is not None:
+        opts.update(presets[preset])
+    elif edm_base and given.get("teacher") is not None and not str(given["teacher"]).startswith("builtin:"):
+        opts.update({k: v for k, v in presets[edm_base].items() if k not in ("teacher", "fid_ref")})
+    opts.update({k: v for k, v in given.items() if v is not None})
+    return opts
+
+
+def train_config_from(opts: dict, desc: str):
+    """The TrainConfig of merged options (`desc` names the run directory unless --desc was given)."""
+    from pid.training import TrainConfig
+    kw = {k: opts[k] for k in TRAIN_FIELDS if opts.get(k) is not None}
+    kw["ema"] = parse_floats(opts["ema"], "--ema")
+    kw["betas"] = parse_floats(opts.get("betas"), "--betas") or (0.9, 0.999)
+    kw["grad_clip"] = opts.get("grad_clip")
+    if str(opts.get("default_ema")).lower() == "raw":
+        kw["default_ema"] = None
+    elif opts.get("default_ema") is not None:
+        kw["default_ema"] = float(opts["default_ema"])
+    kw.setdefault("desc", desc)
+    return TrainConfig(**kw)
+
+
+def echo_options(opts: dict) -> None:
+    """--dry-run: print the merged settings."""
+    for k in sorted(opts):
+        click.echo(f"{k} = {opts[k]}")
+
+
+def limit_threads() -> None:
+    """One process on a CPU: no more torch threads than cores (oversubscription made steps 10-20x slower)."""
+    import torch
+    if os.environ.get("OMP_NUM_THREADS") is None and os.environ.get("WORLD_SIZE") is None:
+        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def train_options(recipe: dict):
+    """The trainer's click options, shared by every training script; `recipe` supplies the shown defaults."""
+    opts = [
+        click.option("--steps", type=int, default=None, help=f"Optimizer steps  [default: {recipe['steps']}]"),
+        click.option("--batch", type=int, default=None, help=f"Global batch  [default: {recipe['batch']}]"),
+        click.option("--batch-gpu", type=int, default=None, help="Images per forward/backward per process (accumulate)"),
+        click.option("--lr", type=float, default=None, help=f"Learning rate  [default: {recipe['lr']:g}]"),
+        click.option("--optimizer", type=click.Choice(["radam", "adam"]), default=None,
+                     help=f"Optimizer  [default: {recipe['optimizer']}]"),
+        click.option("--betas", default=None, help=f"Adam/RAdam betas  [default: {recipe.get('betas', '0.9,0.999')}]"),
+        click.option("--eps", type=float, default=None, help=f"Adam/RAdam eps  [default: {recipe.get('eps', 1e-8):g}]"),
+        click.option("--weight-decay", type=float, default=None, help="Weight decay  [default: 0]"),
+        click.option("--warmup", type=int, default=None, help=f"Linear LR warm-up steps  [default: {recipe.get('warmup', 0)}]"),
+        click.option("--lr-schedule", type=click.Choice(["constant", "linear"]), default=None,
+                     help=f"[default: {recipe.get('lr_schedule', 'constant')}]"),
+        click.option("--grad-clip", type=float, default=None,
+                     help=f"Max global gradient norm  [default: {recipe.get('grad_clip') or 'none'}]"),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="[default: fp32]"),
+        click.option("--ema", default=None, help=f"EMA decay rates, comma-separated  [default: {recipe['ema']}]"),
+        click.option("--default-ema", default=None, help="EMA used for samples/evaluation/export, or 'raw'"),
+        click.option("--seed", type=int, default=None, help="Random seed (noise, data order, init)  [default: 0]"),
+        click.option("--snap", type=int, default=None, help="Steps between student/state snapshots"),
+        click.option("--keep-states", type=int, default=None, help="Training states kept (0 = all)  [default: 2]"),
+        click.option("--grid-every", type=int, default=None, help="Steps between sample grids (0 = never)"),
+        click.option("--grid-seeds", type=int, default=None, help="Seeds in the sample grid"),
+        click.option("--log-every", type=int, default=None, help="Steps between log lines"),
+        click.option("--eval-every", type=int, default=None, help="Steps between evaluations (0 = never)"),
+        click.option("--eval-num", type=int, default=None, help="Images per evaluation"),
+        click.option("--fid-ref", default=None, help="FID reference statistics (.npz path/URL); needed for EDM teachers"),
+        click.option("--detector", default=None, help="Feature network for FID  [default: EDM's Inception]"),
+        click.option("--resume", default=None,
+                     help="'auto' (newest state in --outdir of the same config), a run dir or a state file"),
+        click.option("--device", default=None, help="Device  [default: cuda:LOCAL_RANK if available, else cpu]"),
+        click.option("--desc", default=None, help="Run directory suffix  [default: from the settings]"),
+        click.option("--dry-run", is_flag=True, help="Print the merged settings and exit"),
+    ]
+
+    def apply(fn):
+        for option in reversed(opts):
+            fn = option(fn)
+        return fn
+    return apply
 
 
 def user_errors(fn):

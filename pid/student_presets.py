@@ -13,7 +13,7 @@ from torch import nn
 
 from pid.errors import CheckpointError, ConfigError
 
-__all__ = ["PRESETS", "build_network", "build_preset_network", "network_spec"]
+__all__ = ["PRESETS", "build_network", "build_preset_network", "network_spec", "disable_dropout"]
 
 NETWORK_CLASSES = ("SongUNet", "DhariwalUNet")
 
@@ -93,3 +93,13 @@ def network_spec(precond: nn.Module) -> dict:
     kwargs["dropout"] = 0.0
     kwargs["label_dropout"] = 0.0
     return {"class": type(model).__name__, "kwargs": kwargs}
+
+
+def disable_dropout(net: nn.Module) -> None:
+    """Switch off dropout (and EDM's label dropout) in every layer: distillation trains without it (PID reference)."""
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout", "label_dropout"):
+            if isinstance(getattr(m, attr, None), (int, float)):
+                setattr(m, attr, 0)

@@ -3,7 +3,7 @@
 import json
 import os
 import platform
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -58,9 +58,12 @@ def _write_config(run_dir: str, run_config: dict, dist: D.DistInfo) -> None:
         json.dump({**run_config, "runtime": runtime}, f, indent=2)
 
 
-def train(config: TrainConfig, method: Method, student: torch.nn.Module, *, extra_config: Optional[dict] = None,
-          evaluate: Optional[Callable[[torch.nn.Module], dict]] = None) -> str:
+def train(config: TrainConfig, method: Method, student: Union[torch.nn.Module, Dict[str, torch.nn.Module]], *,
+          extra_config: Optional[dict] = None, evaluate: Optional[Callable[[torch.nn.Module], dict]] = None) -> str:
     """Train `student` with `method` as `config` says; returns the run directory.
+
+    `student` is one module, or `{name: module}` for a method that trains several networks (it then defines
+    `phase(step)`, `export` and `ema_networks`, and its `loss` takes the dict and a `MicroBatch`; see loop.py).
 
     Runs in one process, or in each process started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set; NCCL on
     CUDA, gloo on CPU). `evaluate(default_ema_student) -> {'metrics': {...}, 'primary': name, 'mode':

@@ -16,15 +16,21 @@ with accumulation, or N processes, give the same step.
 Randomness: micro-batch `slot = rank * rounds + r` draws from a generator seeded by hash(seed, step, slot).
 That makes every step a pure function of the weights and the step number, so a resumed run repeats the
 uninterrupted one exactly, and N processes reproduce one process that accumulates N rounds.
+
+Several networks: a method may train more than one network (moment matching: generator and auxiliary
+denoiser). The trainer then receives `{name: module}`; each network has its own optimizer and GradScaler, EMAs
+are kept for the networks the method names in `ema_networks`, and `method.phase(step)` names the one network
+that step `step` updates. The network named `method.export` is the one sampled, evaluated and exported.
 """
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import signal
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -38,7 +44,7 @@ from pid.training.runlog import RunLogger
 from pid.training.samples import write_sample_grid
 from pid.training.state import capture_rng, restore_rng, seed_process
 
-__all__ = ["Trainer", "step_seed"]
+__all__ = ["Trainer", "step_seed", "MicroBatch"]
 
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -49,26 +55,48 @@ def step_seed(seed: int, step: int, slot: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class Trainer:
-    """Owns the student's weights, optimizer, scaler, EMAs and the run directory's files."""
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """What a several-network method's `loss` learns about the micro-batch it computes.
 
-    def __init__(self, config: TrainConfig, method: Method, student: torch.nn.Module, dist: D.DistInfo,
-                 run_dir: str, run_config: dict, evaluate: Optional[Callable[[torch.nn.Module], dict]] = None):
+    step: optimizer step (0-based); phase: the network this step updates; slot: rank * rounds + round;
+    position: index of the micro-batch's first sample in the run's global sample order (step * batch +
+    slot * micro), so that data order is a pure function of the step: N processes = 1 process, exact resume.
+    """
+    step: int
+    phase: str
+    slot: int
+    position: int
+
+
+class Trainer:
+    """Owns the networks' weights, optimizers, scalers, EMAs and the run directory's files."""
+
+    def __init__(self, config: TrainConfig, method: Method, student: Union[torch.nn.Module, Dict[str, torch.nn.Module]],
+                 dist: D.DistInfo, run_dir: str, run_config: dict,
+                 evaluate: Optional[Callable[[torch.nn.Module], dict]] = None):
         self.config, self.method, self.dist = config, method, dist
         self.run_dir, self.run_config, self.evaluate = run_dir, run_config, evaluate
         self.device = dist.device
-        self.student = student.to(self.device).train()
+        self.multi = isinstance(student, dict)
+        self.nets = {k: v.to(self.device).train() for k, v in (student if self.multi else {"student": student}).items()}
+        self.export_name = getattr(method, "export", None) or next(iter(self.nets))
+        self.student = self.nets[self.export_name]     # the network that is sampled, evaluated and exported
         if hasattr(method, "to"):
             method.to(self.device)
-        D.broadcast_params_(self.student)
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
-        # Gradients exist for every parameter from the start, so that all processes all-reduce the same
-        # tensors even when a method leaves some parameter unused in a micro-batch.
-        for p in self.params:
-            p.grad = torch.zeros_like(p)
-        self.emas = EMAs(self.student, config.ema) if dist.is_main else None
-        self.optimizer = make_optimizer(self.params, config)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.params, self.optimizers, self.scalers = {}, {}, {}
+        for name, net in self.nets.items():
+            D.broadcast_params_(net)
+            self.params[name] = [p for p in net.parameters() if p.requires_grad]
+            # Gradients exist for every parameter from the start, so that all processes all-reduce the same
+            # tensors even when a method leaves some parameter unused in a micro-batch.
+            for p in self.params[name]:
+                p.grad = torch.zeros_like(p)
+            self.optimizers[name] = make_optimizer(self.params[name], config)
+            self.scalers[name] = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        ema_names = getattr(method, "ema_networks", None) or (self.export_name,)
+        self.ema_sets = {n: EMAs(self.nets[n], config.ema) for n in ema_names} if dist.is_main else {}
+        self.emas = self.ema_sets.get(self.export_name)
         self.generator = torch.Generator(device=self.device)
         seed_process(config.seed, dist.rank)
         self.step, self.nan_skipped, self.best = 0, 0, None
@@ -78,32 +106,42 @@ class Trainer:
         self.log: Optional[RunLogger] = None
 
     # ----------------------------------------------------------------------------------------- one step
-    def _forward_backward(self, round_index: int, rounds: int, micro: int) -> tuple:
+    def phase(self) -> str:
+        """The network this step updates (the only one for single-network methods)."""
+        return self.method.phase(self.step) if self.multi else self.export_name
+
+    def _forward_backward(self, round_index: int, rounds: int, micro: int, phase: str) -> tuple:
         slot = self.dist.rank * rounds + round_index
         self.generator.manual_seed(step_seed(self.config.seed, self.step, slot))
         amp = self.config.precision in _AMP_DTYPES
         with torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(self.config.precision), enabled=amp):
-            losses, stats = self.method.loss(self.student, micro, self.generator, self.device)
+            if self.multi:
+                ctx = MicroBatch(self.step, phase, slot, self.step * self.config.batch + slot * micro)
+                losses, stats = self.method.loss(self.nets, micro, self.generator, self.device, ctx)
+            else:
+                losses, stats = self.method.loss(self.student, micro, self.generator, self.device)
         losses = losses.float()
-        self.scaler.scale(losses.sum() / self.config.batch).backward()
+        self.scalers[phase].scale(losses.sum() / self.config.batch).backward()
         return losses.detach().sum(), stats
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns this step's logged scalars."""
         cfg, world = self.config, self.dist.world_size
         rounds, micro = cfg.accum_rounds(world), cfg.micro_batch(world)
+        phase = self.phase()
+        optimizer, scaler, params = self.optimizers[phase], self.scalers[phase], self.params[phase]
         lr = lr_at(self.step, cfg)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=False)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=False)
         loss_sum = torch.zeros((), device=self.device)
         stat_sums: Dict[str, torch.Tensor] = {}
         for r in range(rounds):
-            loss, stats = self._forward_backward(r, rounds, micro)
+            loss, stats = self._forward_backward(r, rounds, micro, phase)
             loss_sum += loss
             for k, v in stats.items():  # summed on the device: no sync inside the accumulation loop
                 v = torch.as_tensor(v, device=self.device).detach().float()
                 stat_sums[k] = stat_sums[k] + v if k in stat_sums else v
-        D.all_reduce_grads_(self.params)
+        D.all_reduce_grads_(params)
         keys = sorted(stat_sums)
         local = [loss_sum, torch.tensor(float(self._signal_received), device=self.device)]
         local += [stat_sums[k] for k in keys]
@@ -111,49 +149,75 @@ class Trainer:
         self.stop_requested = totals[1] > 0
         record = {"loss": totals[0] / cfg.batch, "lr": lr}
         record.update({k: v / (rounds * world) for k, v in zip(keys, totals[2:])})
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params])
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         record["grad_norm"] = float(grad_norm)
         record["skipped"] = not (torch.isfinite(grad_norm) and torch.isfinite(torch.tensor(totals[0])))
-        self._apply(record["skipped"], grad_norm)
-        if self.scaler.is_enabled():
-            record["loss_scale"] = float(self.scaler.get_scale())
+        self._apply(record["skipped"], grad_norm, phase)
+        if scaler.is_enabled():
+            record["loss_scale"] = float(scaler.get_scale())
+        if self.multi:
+            record["phase"] = phase
         self.step += 1
         record["nan_skipped_total"] = self.nan_skipped
         return record
 
-    def _apply(self, skip: bool, grad_norm: torch.Tensor) -> None:
+    def _apply(self, skip: bool, grad_norm: torch.Tensor, phase: str) -> None:
+        optimizer, scaler = self.optimizers[phase], self.scalers[phase]
         if skip:
             self.nan_skipped += 1
-            if self.scaler.is_enabled():
-                self.scaler.update()  # unscale_ recorded the inf: the scale is lowered, nothing is stepped
-            self.optimizer.zero_grad(set_to_none=False)
+            if scaler.is_enabled():
+                scaler.update()  # unscale_ recorded the inf: the scale is lowered, nothing is stepped
+            optimizer.zero_grad(set_to_none=False)
             return
         if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.grad_clip, grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.emas is not None:
-            self.emas.update(self.student)
+            torch.nn.utils.clip_grads_with_norm_(self.params[phase], self.config.grad_clip, grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        if phase in self.ema_sets:
+            self.ema_sets[phase].update(self.nets[phase])
 
     # ------------------------------------------------------------------------------------ state & files
     def training_state(self) -> dict:
-        """Everything an exact resume needs (called on every process: RNG states are gathered)."""
+        """Everything an exact resume needs (called on every process: RNG states are gathered).
+
+        A single network keeps the flat layout (`student`, `emas`, `optimizer`, `scaler`); several networks are
+        stored per name (`networks`, `ema_sets`, `optimizers`, `scalers`). A method with state adds `method`.
+        """
         rng = D.gather_objects(capture_rng(self.device))
-        return {"step": self.step, "student": self.student.state_dict(),
-                "emas": self.emas.state_dict() if self.emas else {},
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng, "world_size": self.dist.world_size, "config": self.run_config,
-                "nan_skipped": self.nan_skipped, "best": self.best}
+        state = {"step": self.step, "rng": rng, "world_size": self.dist.world_size, "config": self.run_config,
+                 "nan_skipped": self.nan_skipped, "best": self.best}
+        if self.multi:
+            state.update(networks={k: v.state_dict() for k, v in self.nets.items()},
+                         ema_sets={k: v.state_dict() for k, v in self.ema_sets.items()},
+                         optimizers={k: v.state_dict() for k, v in self.optimizers.items()},
+                         scalers={k: v.state_dict() for k, v in self.scalers.items()})
+        else:
+            state.update(student=self.student.state_dict(), emas=self.emas.state_dict() if self.emas else {},
+                         optimizer=self.optimizers[self.export_name].state_dict(),
+                         scaler=self.scalers[self.export_name].state_dict())
+        if hasattr(self.method, "state_dict"):
+            state["method"] = self.method.state_dict()
+        return state
 
     def load_training_state(self, state: dict) -> None:
         """Restore a state written by `training_state` (same configuration checked by the caller)."""
-        self.student.load_state_dict(state["student"])
-        if self.emas is not None:
-            self.emas.load_state_dict(state["emas"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler.is_enabled() and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        if self.multi:
+            nets, emas = state["networks"], state["ema_sets"]
+            optims, scalers = state["optimizers"], state["scalers"]
+        else:
+            name = self.export_name
+            nets, emas = {name: state["student"]}, {name: state["emas"]}
+            optims, scalers = {name: state["optimizer"]}, {name: state.get("scaler")}
+        for name, net in self.nets.items():
+            net.load_state_dict(nets[name])
+            self.optimizers[name].load_state_dict(optims[name])
+            if self.scalers[name].is_enabled() and scalers.get(name):
+                self.scalers[name].load_state_dict(scalers[name])
+        for name, ema in self.ema_sets.items():
+            ema.load_state_dict(emas[name])
+        if hasattr(self.method, "load_state_dict") and "method" in state:
+            self.method.load_state_dict(state["method"])
         if state.get("world_size") == self.dist.world_size:
             restore_rng(state["rng"][self.dist.rank], self.device)
         self.step, self.nan_skipped, self.best = state["step"], state.get("nan_skipped", 0), state.get("best")

@@ -11,7 +11,15 @@ __all__ = ["Method"]
 class Method(Protocol):
     """A distillation objective. The trainer owns everything else (AMP, reduction, optimizer, DDP, EMAs).
 
-    A method may also define `to(device)`; the trainer calls it once so the method can move its teacher.
+    A method may also define `to(device)`; the trainer calls it once so the method can move its teacher, and
+    `state_dict()` / `load_state_dict(d)` for state of its own (running statistics), which the trainer keeps in
+    the training state so that a resume stays exact.
+
+    Several networks (e.g. moment matching's generator and auxiliary denoiser): pass `{name: module}` to
+    `train`; the method then defines `phase(step) -> name` (the network step `step` updates: its optimizer
+    steps, the others are left alone), `export` (the name sampled, evaluated and written to student
+    checkpoints) and `ema_networks` (names that keep EMAs), and its `loss` is called as
+    `loss(networks, batch_size, generator, device, micro_batch)` with a `pid.training.loop.MicroBatch`.
     """
 
     name: str

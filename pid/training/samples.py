@@ -24,8 +24,14 @@ def write_sample_grid(student: torch.nn.Module, path: str, num: int, chunk: int,
     from pid.images import save_grid, to_uint8  # PIL only when a grid is written
 
     latents, labels = grid_inputs(student, num)
+    # Stochastic samplers (moment matching) draw their step noise from a fixed generator too: the grids of a
+    # run compare like with like, and the trainer's global RNG is left alone.
+    noise = torch.Generator().manual_seed(num)
+    extra = {}
+    if getattr(student, "stochastic", False):
+        extra["randn_like"] = lambda x: torch.randn(x.shape, generator=noise, dtype=x.dtype).to(x.device)
     images = []
     for i in range(0, num, chunk):
         lab = None if labels is None else labels[i:i + chunk].to(device)
-        images.append(student.generate(latents[i:i + chunk].to(device), lab).float().clamp(-1, 1).cpu())
+        images.append(student.generate(latents[i:i + chunk].to(device), lab, **extra).float().clamp(-1, 1).cpu())
     save_grid(to_uint8(torch.cat(images)).numpy(), path)

@@ -73,17 +73,12 @@ PRESETS: dict[str, dict] = {
 
 
 def resolve_options(preset: Optional[str], given: dict) -> dict:
-    """Merge: embedded default ← preset ← options given explicitly (None means "not given")."""
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"unknown --preset={preset!r}; choose one of {', '.join(PRESETS)}")
-    opts = dict(DEFAULT_RECIPE)
-    if preset is not None:
-        opts.update(PRESETS[preset])
-    elif given.get("teacher") is not None and not str(given["teacher"]).startswith("builtin:"):
-        # An EDM teacher without a preset: the reference's settings (as --preset=cifar10), not the toy ones.
-        opts.update({k: v for k, v in PRESETS["cifar10"].items() if k not in ("teacher", "fid_ref")})
-    opts.update({k: v for k, v in given.items() if v is not None})
-    return opts
+    """Merge: embedded default ← preset ← options given explicitly (None means "not given").
+
+    An EDM teacher without a preset gets the reference's settings (as --preset=cifar10), not the toy ones.
+    """
+    from pid.cli import merge_options
+    return merge_options(DEFAULT_RECIPE, PRESETS, preset, given, edm_base="cifar10")
 
 
 def pid_config_from(opts: dict) -> PIDConfig:

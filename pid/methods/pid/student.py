@@ -18,7 +18,7 @@ from torch import nn
 
 from pid.errors import CheckpointError, ConfigError
 from pid.teachers import default_sigma_range
-from pid.student_presets import PRESETS, build_preset_network, network_spec, build_network
+from pid.student_presets import PRESETS, build_network, build_preset_network, disable_dropout, network_spec
 
 __all__ = ["NoiseConditioning", "PIDStudent", "student_from_teacher", "build_student_from_spec", "load_student",
            "is_student_checkpoint", "PRESETS"]
@@ -135,16 +135,6 @@ def build_student_from_spec(spec: dict) -> PIDStudent:
     return PIDStudent(net, spec["network"], spec["noise"], **{k: spec[k] for k in keys})
 
 
-def _disable_dropout(net: nn.Module) -> None:
-    """The reference student trains without dropout (docs/pid.md §(b)), whatever the teacher was trained with."""
-    for m in net.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        for attr in ("dropout", "label_dropout"):
-            if isinstance(getattr(m, attr, None), (int, float)):
-                setattr(m, attr, 0)
-
-
 def student_from_teacher(teacher: nn.Module, teacher_spec: str | None = None, preset: str | None = None,
                          sigma_min: float | None = None, sigma_max: float | None = None, seed: int = 0) -> PIDStudent:
     """Make the student for a teacher from `pid.teachers.load_teacher`.
@@ -163,7 +153,7 @@ def student_from_teacher(teacher: nn.Module, teacher_spec: str | None = None, pr
                               f"supported: {', '.join(_PRECOND_NOISE)}")
         noise = {"kind": kind, **{k: getattr(precond, k, v) for k, v in defaults.items()}}
         net = copy.deepcopy(precond.model).float().train().requires_grad_(True)
-        _disable_dropout(net)
+        disable_dropout(net)
         network = network_spec(precond)
     else:
         if preset is None:
