@@ -7,6 +7,7 @@ images than asked for, EDM's seeded subset is used, so `fid.py calc --num --seed
 import io
 import os
 import zipfile
+import zlib
 from typing import List, Optional
 
 import numpy as np
@@ -31,8 +32,12 @@ def list_image_files(path: str) -> List[str]:
         names = [os.path.relpath(os.path.join(root, f), start=path).replace(os.sep, "/")
                  for root, _dirs, files in os.walk(path) for f in files]
     elif zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:  # is_zipfile only checks the end record
+            raise DataError(f"'{path}' is a damaged zip archive ({exc}): recreate it (EDM's dataset_tool.py) "
+                            f"or give a folder of images.") from None
     else:
         raise DataError(f"'{path}' is neither a folder nor a zip archive: give a folder of images or a dataset .zip.")
     extensions = _image_extensions()
@@ -56,15 +61,19 @@ class ImageSet(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str, num: Optional[int] = None, seed: int = 0):
-        self.path = path
         files = list_image_files(path)
         if num is not None and len(files) < num:
             raise DataError(f"Found {len(files)} images in '{path}', but --num asks for {num}: generate more "
                             f"images or lower --num.")
-        self.files = [files[i] for i in select_subset(len(files), num if num is not None else len(files), seed)]
-        if len(self.files) < 2:
-            raise DataError(f"Found {len(self.files)} images in '{path}' (after --num), but statistics need at "
+        files = [files[i] for i in select_subset(len(files), num if num is not None else len(files), seed)]
+        if len(files) < 2:
+            raise DataError(f"Found {len(files)} images in '{path}' (after --num), but statistics need at "
                             f"least 2; a file counts as an image when PIL knows its extension (.png, .jpg, ...).")
+        self._open(path, files)
+
+    def _open(self, path: str, files: List[str]) -> None:
+        """Use `files` (relative names) of folder or zip `path`; decodes the first image only, for its shape."""
+        self.path, self.files = path, files
         self._zip, self._zip_pid = None, None
         self.shape = tuple(self._load(0).shape)
 
@@ -91,7 +100,8 @@ class ImageSet(torch.utils.data.Dataset):
                 if img.mode not in ("L", "RGB"):
                     img = img.convert("RGB")
                 array = np.array(img, dtype=np.uint8)
-        except (OSError, ValueError) as exc:
+        # PIL raises OSError or SyntaxError for broken files; a damaged zip member raises BadZipFile or zlib.error
+        except (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             raise DataError(f"Cannot read image '{name}' in '{self.path}': not a valid image file "
                             f"({type(exc).__name__}). Remove or replace it.") from None
         array = array[:, :, None] if array.ndim == 2 else array
