@@ -31,17 +31,25 @@ def list_image_files(path: str) -> List[str]:
     if os.path.isdir(path):
         names = [os.path.relpath(os.path.join(root, f), start=path).replace(os.sep, "/")
                  for root, _dirs, files in os.walk(path) for f in files]
-    elif zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:  # is_zipfile only checks the end record
-            raise DataError(f"'{path}' is a damaged zip archive ({exc}): recreate it (EDM's dataset_tool.py) "
-                            f"or give a folder of images.") from None
     else:
-        raise DataError(f"'{path}' is neither a folder nor a zip archive: give a folder of images or a dataset .zip.")
+        names = _zip_members(path)
     extensions = _image_extensions()
     return sorted(n for n in names if os.path.splitext(n)[1].lower() in extensions)
+
+
+def _zip_members(path: str) -> List[str]:
+    """Member names of zip `path`; DataError when it is not a zip or a damaged one."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except zipfile.BadZipFile as exc:
+        with open(path, "rb") as f:
+            damaged = f.read(4) == b"PK\x03\x04"  # a zip's first local header: likely a truncated download
+        if damaged:
+            raise DataError(f"'{path}' is a damaged zip archive ({exc}): recreate it (EDM's dataset_tool.py) "
+                            f"or download it again.") from None
+        raise DataError(f"'{path}' is neither a folder nor a zip archive: give a folder of images or a "
+                        f"dataset .zip.") from None
 
 
 def select_subset(n: int, num: int, seed: int) -> np.ndarray:
@@ -96,12 +104,16 @@ class ImageSet(torch.utils.data.Dataset):
         from PIL import Image
         name = self.files[i]
         try:
-            with Image.open(io.BytesIO(self._read_bytes(name))) as img:
+            data = self._read_bytes(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged member (bad CRC, bad deflate data)
+            raise DataError(f"Image '{name}' in '{self.path}' is damaged inside the zip ({exc}): recreate the "
+                            f"archive (EDM's dataset_tool.py) or download it again.") from None
+        try:
+            with Image.open(io.BytesIO(data)) as img:
                 if img.mode not in ("L", "RGB"):
                     img = img.convert("RGB")
                 array = np.array(img, dtype=np.uint8)
-        # PIL raises OSError or SyntaxError for broken files; a damaged zip member raises BadZipFile or zlib.error
-        except (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's errors for broken files include these
             raise DataError(f"Cannot read image '{name}' in '{self.path}': not a valid image file "
                             f"({type(exc).__name__}). Remove or replace it.") from None
         array = array[:, :, None] if array.ndim == 2 else array
