@@ -11,7 +11,6 @@ Two sources share one `sample(start, count, generator, device)` call:
 import hashlib
 import json
 import os
-import zipfile
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -62,22 +61,14 @@ class ImageDataset(ImageSet):
         """Images at `indices` [B] as float32 [B,C,H,W] in [-1, 1]."""
         return torch.stack([self.image(int(i)) for i in indices])
 
-    def _has_labels_file(self) -> bool:
-        if os.path.isdir(self.path):
-            return os.path.isfile(os.path.join(self.path, LABELS_FILE))
-        self._read_bytes(self.files[0])  # opens this process's ZipFile
-        try:
-            self._zip.getinfo(LABELS_FILE)
-        except KeyError:
-            return False
-        return True
-
     def _read_labels(self) -> Optional[np.ndarray]:
         """Class index of each image, int64 [N], from dataset.json; None without labels."""
-        if not self._has_labels_file():
+        try:
+            data = self._read_bytes(LABELS_FILE)
+        except (KeyError, FileNotFoundError):  # what ZipFile.read and open() raise for a missing file
             return None
         try:
-            labels = json.loads(self._read_bytes(LABELS_FILE))["labels"]
+            labels = json.loads(data)["labels"]
             table = dict(labels) if labels is not None else None
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"Cannot read '{LABELS_FILE}' in '{self.path}' ({type(exc).__name__}: {exc}): it must "

@@ -81,7 +81,7 @@ def test_zip_pixels_labels_and_sorted_nested_order(tmp_path):
     labels = [7, 3, 0, 9, 1, 2, 2, 5, 6, 4]
     ds = open_dataset(_write_zip(tmp_path / "d.zip", names, arrays, labels))
     order = np.argsort(names, kind="stable")
-    assert ds.files == sorted(names) and len(ds) == 10 and ds.shape == (3, 8, 8)
+    assert isinstance(ds, ImageDataset) and ds.files == sorted(names) and len(ds) == 10 and ds.shape == (3, 8, 8)
     for i, j in enumerate(order):
         assert torch.equal(ds.image(i), _expected(arrays[j]))
     assert ds.labels.tolist() == [labels[j] for j in order]
