@@ -7,6 +7,7 @@ images than asked for, EDM's seeded subset is used, so `fid.py calc --num --seed
 import io
 import os
 import zipfile
+import zlib
 from typing import List, Optional
 
 import numpy as np
@@ -30,13 +31,25 @@ def list_image_files(path: str) -> List[str]:
     if os.path.isdir(path):
         names = [os.path.relpath(os.path.join(root, f), start=path).replace(os.sep, "/")
                  for root, _dirs, files in os.walk(path) for f in files]
-    elif zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
     else:
-        raise DataError(f"'{path}' is neither a folder nor a zip archive: give a folder of images or a dataset .zip.")
+        names = _zip_members(path)
     extensions = _image_extensions()
     return sorted(n for n in names if os.path.splitext(n)[1].lower() in extensions)
+
+
+def _zip_members(path: str) -> List[str]:
+    """Member names of zip `path`; DataError when it is not a zip or a damaged one."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except zipfile.BadZipFile as exc:
+        with open(path, "rb") as f:
+            damaged = f.read(4) == b"PK\x03\x04"  # a zip's first local header: likely a truncated download
+        if damaged:
+            raise DataError(f"'{path}' is a damaged zip archive ({exc}): recreate it (EDM's dataset_tool.py) "
+                            f"or download it again.") from None
+        raise DataError(f"'{path}' is neither a folder nor a zip archive: give a folder of images or a "
+                        f"dataset .zip.") from None
 
 
 def select_subset(n: int, num: int, seed: int) -> np.ndarray:
@@ -56,15 +69,19 @@ class ImageSet(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str, num: Optional[int] = None, seed: int = 0):
-        self.path = path
         files = list_image_files(path)
         if num is not None and len(files) < num:
             raise DataError(f"Found {len(files)} images in '{path}', but --num asks for {num}: generate more "
                             f"images or lower --num.")
-        self.files = [files[i] for i in select_subset(len(files), num if num is not None else len(files), seed)]
-        if len(self.files) < 2:
-            raise DataError(f"Found {len(self.files)} images in '{path}' (after --num), but statistics need at "
+        files = [files[i] for i in select_subset(len(files), num if num is not None else len(files), seed)]
+        if len(files) < 2:
+            raise DataError(f"Found {len(files)} images in '{path}' (after --num), but statistics need at "
                             f"least 2; a file counts as an image when PIL knows its extension (.png, .jpg, ...).")
+        self._open(path, files)
+
+    def _open(self, path: str, files: List[str]) -> None:
+        """Use `files` (relative names) of folder or zip `path`; decodes the first image only, for its shape."""
+        self.path, self.files = path, files
         self._zip, self._zip_pid = None, None
         self.shape = tuple(self._load(0).shape)
 
@@ -87,11 +104,16 @@ class ImageSet(torch.utils.data.Dataset):
         from PIL import Image
         name = self.files[i]
         try:
-            with Image.open(io.BytesIO(self._read_bytes(name))) as img:
+            data = self._read_bytes(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged member (bad CRC, bad deflate data)
+            raise DataError(f"Image '{name}' in '{self.path}' is damaged inside the zip ({exc}): recreate the "
+                            f"archive (EDM's dataset_tool.py) or download it again.") from None
+        try:
+            with Image.open(io.BytesIO(data)) as img:
                 if img.mode not in ("L", "RGB"):
                     img = img.convert("RGB")
                 array = np.array(img, dtype=np.uint8)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's errors for broken files include these
             raise DataError(f"Cannot read image '{name}' in '{self.path}': not a valid image file "
                             f"({type(exc).__name__}). Remove or replace it.") from None
         array = array[:, :, None] if array.ndim == 2 else array
