@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["pid", "pid.*", "edm_networks", "edm_networks.*"]),
-    py_modules=["train_pid", "sample", "fid"],
+    py_modules=["train_pid", "train_mm", "sample", "fid"],
     install_requires=[
         "torch>=2.0",
         "torchvision",

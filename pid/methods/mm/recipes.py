@@ -1,0 +1,76 @@
+"""Settings of a moment-matching run: the method's dataclass and the named recipes `train_mm.py` starts from.
+
+As for PID: the embedded default, updated by `--preset`, updated by every option given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from pid.methods.pid.recipes import EDM_PRETRAINED
+
+__all__ = ["MMConfig", "DEFAULT_RECIPE", "PRESETS", "ALGORITHMS", "resolve_options", "mm_config_from"]
+
+ALGORITHMS = ("alternating",)
+
+
+@dataclass
+class MMConfig:
+    """Moment-matching settings (the generic ones are pid.training.TrainConfig)."""
+    teacher: str = "builtin:glyphs16"      # EDM pickle path/URL or builtin:<name>
+    data: Optional[str] = None             # EDM dataset zip or image folder; None: exact samples (built-in teachers)
+    algorithm: str = "alternating"         # Algorithm 2 (auxiliary denoiser)
+    k: int = 4                             # sampling steps of the student
+    rho: float = 7.0                       # t→σ map: Karras interpolation between sigma_min and sigma_max
+    sigma_min: Optional[float] = None      # None: the teacher's, clipped to [0.002, 80]
+    sigma_max: Optional[float] = None
+    weight: str = "edm"                    # w(σ_s): edm, edm-bounded or uniform
+    sigma_floor: float = 0.1               # edm-bounded: w is constant below this σ
+    force_t1: bool = False                 # t ≡ 1 (one-step methods' variant; meaningful for k = 1)
+    student_preset: Optional[str] = None   # residual network for built-in teachers (None: glyphs<resolution>)
+    eval_num: int = 1000
+    fid_ref: Optional[str] = None
+    detector: Optional[str] = None
+
+
+# The embedded default distils builtin:glyphs16 into a k = 4 student on 2 CPU cores in under 10 minutes.
+# Optimizer as the paper (Adam β1 = 0, β2 = 0.99, ε = 1e-12, warm-up then linear decay, clip 1); the learning rate,
+# batch, EMA and weight were chosen by the measurements in BENCHMARKS.md (moment matching, (a)).
+DEFAULT_RECIPE: dict = dict(
+    teacher="builtin:glyphs16", data=None, algorithm="alternating", k=4, rho=7.0, weight="edm", sigma_floor=0.1,
+    force_t1=False, student_preset=None,
+    steps=2000, batch=32, lr=2e-3, optimizer="adam", betas="0.0,0.99", eps=1e-12, precision="fp32",
+    ema="0.99,0.995", default_ema=0.99, warmup=100, lr_schedule="linear", grad_clip=1.0, snap=500,
+    grid_every=500, grid_seeds=64, log_every=10, eval_every=500, eval_num=500,
+)
+
+_PAPER_OPT = dict(optimizer="adam", betas="0.0,0.99", eps=1e-12, lr_schedule="linear", grad_clip=1.0, warmup=1000,
+                  weight="edm", rho=7.0, log_every=100, snap=5000, grid_every=5000, eval_every=5000, eval_num=50_000)
+
+PRESETS: dict[str, dict] = {
+    # The paper's ImageNet-64 recipe (batch 2048, k = 8, ≤ 200k steps, FID every 5k steps, lr 1e-5) on EDM's ADM
+    # teacher. bf16: the surrogate's values span orders of magnitude with w(σ), and bf16 needs no loss scale.
+    "imagenet64": dict(teacher=EDM_PRETRAINED + "edm-imagenet-64x64-cond-adm.pkl", k=8, steps=200_000, batch=2048,
+                       batch_gpu=32, lr=1e-5, precision="bf16", ema="0.999,0.9999", default_ema=0.999,
+                       fid_ref="https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz", **_PAPER_OPT),
+    # Not in the paper (no CIFAR-10 there): EDM's class-conditional CIFAR-10 teacher, k = 2, EDM's own batch 512 and
+    # the paper's lr scaled by sqrt(512/2048) (Adam's usual rule for a 4x smaller batch); 100k steps = 51 Mimg,
+    # a quarter of EDM's teacher training, since the student starts at the teacher. fp32 as EDM trained CIFAR-10.
+    "cifar10": dict(teacher=EDM_PRETRAINED + "edm-cifar10-32x32-cond-vp.pkl", k=2, steps=100_000, batch=512,
+                    batch_gpu=None, lr=5e-6, precision="fp32", ema="0.999,0.9999", default_ema=0.999,
+                    fid_ref="https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz", **_PAPER_OPT),
+}
+
+
+def resolve_options(preset: Optional[str], given: dict) -> dict:
+    """Merge: embedded default ← preset ← options given explicitly (None means "not given")."""
+    from pid.cli import merge_options
+    return merge_options(DEFAULT_RECIPE, PRESETS, preset, given, edm_base="cifar10")
+
+
+def mm_config_from(opts: dict) -> MMConfig:
+    """The MMConfig fields of a merged option dict."""
+    names = {f.name for f in dataclasses.fields(MMConfig)}
+    return MMConfig(**{k: v for k, v in opts.items() if k in names})
