@@ -4,6 +4,7 @@ Follows EDM's generate.py: per-seed generators (a seed's image never depends on 
 files, the same uint8 conversion, and seeds split across ranks under torchrun. Examples:
 
     python sample.py --ckpt=builtin:glyphs32 --seeds=0-63 --grid=grid.png
+    python sample.py --ckpt=builtin:glyphs32 --sampler=ancestral --steps=8 --grid=grid.png
     python sample.py --ckpt=edm-cifar10-32x32-cond-vp.pkl --outdir=out --seeds=0-49999 --subdirs
     torchrun --nproc_per_node=2 sample.py --ckpt=runs/00000-pid/student-002000.pt --npz=samples.npz
 """
@@ -20,27 +21,50 @@ import tqdm
 from pid.cli import user_errors
 from pid.errors import CheckpointError, ConfigError
 from pid.images import save_grid, save_npz, save_pngs, to_uint8
-from pid.samplers import ablation_sampler, edm_sampler
+from pid.samplers import ablation_sampler, ancestral_sampler, edm_sampler
 from pid.seeds import StackedRandomGenerator, parse_seeds, split_seeds
 from pid.teachers import BUILTIN_PREFIX, load_teacher
 
 
-def _is_student(spec: str) -> bool:
-    """Student checkpoints are torch zip files; EDM pickles are not."""
+def _student_class(spec: str) -> Optional[str]:
+    """The `spec['class']` of a student checkpoint ('PIDStudent', 'MMStudent'), or None for anything else.
+
+    Student checkpoints are torch zip files; EDM pickles are not.
+    """
     if spec.startswith(BUILTIN_PREFIX) or not os.path.isfile(spec) or not zipfile.is_zipfile(spec):
-        return False
+        return None
+    from pid.training.checkpoint import read_student_checkpoint
     try:
-        from pid.methods.pid.student import is_student_checkpoint
-    except ImportError:
-        raise CheckpointError(f"{spec} looks like a student checkpoint, but this install has no pid.methods.pid.")
-    return bool(is_student_checkpoint(spec))
+        student_spec = read_student_checkpoint(spec)["spec"]
+    except CheckpointError:
+        return None
+    return str(student_spec.get("class")) if isinstance(student_spec, dict) else None
+
+
+def _load_student(spec: str, kind: str, device: torch.device):
+    """Each method's loader, imported only when its checkpoint is met."""
+    if kind == "MMStudent":
+        try:
+            from pid.methods.mm.student import load_mm_student
+        except ImportError:
+            raise CheckpointError(f"{spec} is a moment-matching student (MMStudent), but this install has no "
+                                  f"pid.methods.mm; update pid to sample from it.") from None
+        return load_mm_student(spec, device=device)
+    if kind == "PIDStudent":
+        from pid.methods.pid.student import load_student
+        return load_student(spec, device=device)
+    raise CheckpointError(f"{spec}: unknown student class {kind!r} (this pid knows PIDStudent and MMStudent).")
 
 
 def load_generator(spec: str, device: torch.device):
-    """(module, is_student): a student (`generate(latents, labels)`) or a teacher denoiser (`D(x, σ, labels)`)."""
-    if _is_student(spec):
-        from pid.methods.pid.student import load_student
-        return load_student(spec, device=device), True
+    """(module, is_student): a student (`generate(latents, labels, ...)`) or a teacher denoiser (`D(x, σ, labels)`).
+
+    Student checkpoints name their class in `spec['class']`: PID's one-step students and moment matching's
+    k-step ones (`stochastic = True`, sampled with per-seed noise) load through their method's loader.
+    """
+    kind = _student_class(spec)
+    if kind is not None:
+        return _load_student(spec, kind, device), True
     if not spec.startswith(BUILTIN_PREFIX) and not os.path.isfile(spec) and "://" not in spec:
         raise CheckpointError(f"--ckpt {spec}: no such file. Give an EDM network pickle, a student checkpoint "
                               f"(.pt), an http(s) URL, or builtin:glyphs32 / builtin:glyphs16.")
@@ -58,20 +82,55 @@ def draw_labels(rnd: StackedRandomGenerator, label_dim: int, n: int, class_idx: 
     return labels
 
 
+_ABLATION_KEYS = ("solver", "discretization", "schedule", "scaling")
+_ANCESTRAL_KEYS = ("num_steps", "sigma_min", "sigma_max", "rho")
+
+
+def _sample_teacher(model, latents, labels, rnd: StackedRandomGenerator, sampler: str, sampler_kwargs: dict):
+    """float64 images from a teacher denoiser: EDM's Heun (or ablation) sampler, or MM's ancestral sampler."""
+    if sampler == "ancestral":
+        kwargs = {k: v for k, v in sampler_kwargs.items() if k in _ANCESTRAL_KEYS}
+        return ancestral_sampler(model, latents, labels, randn_like=rnd.randn_like, **kwargs)
+    ablation = any(k in sampler_kwargs for k in _ABLATION_KEYS)
+    return (ablation_sampler if ablation else edm_sampler)(model, latents, labels, randn_like=rnd.randn_like,
+                                                            **sampler_kwargs)
+
+
 @torch.no_grad()
-def generate_batch(model, is_student: bool, seeds, class_idx: Optional[int], sampler_kwargs: dict, device):
-    """Images for one batch of seeds: (uint8 [N,H,W,C], class indices [N] or None)."""
+def generate_batch(model, is_student: bool, seeds, class_idx: Optional[int], sampler_kwargs: dict, device,
+                   sampler: str = "heun"):
+    """Images for one batch of seeds: (uint8 [N,H,W,C], class indices [N] or None).
+
+    Teachers: `sampler` 'heun' (EDM's sampler; its ablation sampler when solver/discretization/schedule/scaling
+    are given) or 'ancestral' (moment matching's Algorithm 1); `num_steps` absent means 18 and 4 steps.
+    Students: one `generate` call per batch; a stochastic one (`stochastic = True`) also gets the seeds' own
+    `randn_like` and `num_steps` (None: its own k). Every draw comes from the seed's generator, so a seed's
+    image never depends on its batch.
+    """
     rnd = StackedRandomGenerator(device, seeds)
     shape = [len(seeds), model.img_channels, model.img_resolution, model.img_resolution]
     latents = rnd.randn(shape, device=device)
     labels = draw_labels(rnd, model.label_dim, len(seeds), class_idx, device)
-    if is_student:  # one network call per batch
+    if is_student and getattr(model, "stochastic", False) is True:
+        images = model.generate(latents, labels, randn_like=rnd.randn_like,
+                                num_steps=sampler_kwargs.get("num_steps")).clamp(-1, 1)
+    elif is_student:  # one network call per batch
         images = model.generate(latents, labels).clamp(-1, 1)
     else:
-        ablation = any(k in sampler_kwargs for k in ("solver", "discretization", "schedule", "scaling"))
-        sampler = ablation_sampler if ablation else edm_sampler
-        images = sampler(model, latents, labels, randn_like=rnd.randn_like, **sampler_kwargs)
+        images = _sample_teacher(model, latents, labels, rnd, sampler, sampler_kwargs)
     return to_uint8(images), None if labels is None else labels.argmax(dim=1).cpu()
+
+
+def _check_sampler(sampler: str, sampler_kwargs: dict) -> None:
+    """The ancestral sampler has no churn and no ablation axes: refuse options it would silently ignore."""
+    if sampler != "ancestral":
+        return
+    given = [f"--{'disc' if k == 'discretization' else k}" for k in _ABLATION_KEYS if k in sampler_kwargs]
+    if sampler_kwargs.get("S_churn", 0) != 0:
+        given.append("--S_churn")
+    if given:
+        raise ConfigError(f"--sampler=ancestral takes only --steps, --sigma_min, --sigma_max and --rho; drop "
+                          f"{', '.join(given)} (they belong to --sampler=heun).")
 
 
 def _check_class(class_idx: Optional[int], label_dim: int) -> None:
@@ -132,7 +191,10 @@ def _collect_sampler_kwargs(steps, sigma_min, sigma_max, rho, S_churn, S_min, S_
 @click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class label [default: random]")
 @click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Maximum batch size per process")
-@click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True, help="Sampler steps (teachers)")
+@click.option("--sampler", type=click.Choice(["heun", "ancestral"]), default="heun", show_default=True,
+              help="Teacher sampler: EDM's Heun, or moment matching's ancestral (Alg. 1)")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Sampler steps: heun 18, ancestral k=4, MM student its own k [default]")
 @click.option("--sigma_min", type=click.FloatRange(min=0, min_open=True), default=None, help="Lowest noise level")
 @click.option("--sigma_max", type=click.FloatRange(min=0, min_open=True), default=None, help="Highest noise level")
 @click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=7, show_default=True,
@@ -153,13 +215,14 @@ def _collect_sampler_kwargs(steps, sigma_min, sigma_max, rho, S_churn, S_min, S_
 @click.option("--npz", type=str, default=None, help="Also write images (uint8 NHWC), labels and seeds here")
 @click.option("--device", type=str, default=None, help="torch device [default: cuda when available, else cpu]")
 @user_errors
-def main(ckpt, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, npz, **sampler_opts):
-    """Generate images with EDM's sampler (teachers) or one network call (students)."""
+def main(ckpt, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, npz, sampler, **sampler_opts):
+    """Generate images with EDM's or moment matching's sampler (teachers), or the student's own generator."""
     seed_list = parse_seeds(seeds)
     if not (outdir or grid or npz):
         raise ConfigError("Nothing to write: give --outdir, --grid and/or --npz.")
-    rank, world, dev = _init_distributed(device)
     sampler_kwargs = _collect_sampler_kwargs(**sampler_opts)
+    _check_sampler(sampler, sampler_kwargs)
+    rank, world, dev = _init_distributed(device)
     if rank == 0:  # rank 0 first, so that only one process downloads
         model, is_student = load_generator(ckpt, dev)
     _barrier(world)
@@ -169,7 +232,7 @@ def main(ckpt, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, 
     mine = split_seeds(seed_list, max_batch_size, rank, world)
     local = {}
     for index, batch_seeds in tqdm.tqdm(mine, unit="batch", disable=rank != 0, desc="sample"):
-        images, labels = generate_batch(model, is_student, batch_seeds, class_idx, sampler_kwargs, dev)
+        images, labels = generate_batch(model, is_student, batch_seeds, class_idx, sampler_kwargs, dev, sampler)
         if outdir:
             save_pngs(images, batch_seeds, outdir, subdirs)
         if grid or npz:

@@ -2,15 +2,21 @@
 
 Its probability-flow ODE can be solved to any accuracy, so a generator's output for a given noise can be
 compared with the true endpoint of the same noise, and its samples scored under the true data density.
+
+Stochastic samplers (moment matching's ancestral sampler, its students) have no per-seed endpoint to compare
+with; `distribution_metrics` scores their samples as a set against the exact target distribution instead.
 """
 
-from typing import Dict, Optional
+import warnings
+from typing import Dict, Optional, Tuple
 
+import scipy.linalg
 import torch
 
 from pid.samplers import edm_sampler
 
-__all__ = ["reference_endpoints", "heun_endpoints", "exact_metrics"]
+__all__ = ["reference_endpoints", "heun_endpoints", "exact_metrics", "mixture_moments", "target_moments",
+           "component_weights", "distribution_metrics"]
 
 
 @torch.no_grad()
@@ -61,3 +67,86 @@ def exact_metrics(teacher, images: torch.Tensor, reference: torch.Tensor,
         "log_likelihood": float(teacher.log_prob(images, class_labels).mean()),
         "data_log_likelihood": float(teacher.log_prob(data, class_labels).mean()),
     }
+
+
+def component_weights(teacher, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """w_k = mean_i p(k | label_i), float64 [K]: the component weights of the distribution asked for.
+
+    The images of a sampler come with labels drawn uniformly over classes (EDM's per-seed draw), while the
+    mixture's own class weights need not be uniform, so the target is the average of p(x | label_i), not p(x).
+    Without labels: the mixture weights π_k.
+    """
+    if class_labels is None:
+        return teacher.log_weights.exp()
+    return teacher._prior(class_labels, class_labels.shape[0]).exp().mean(0)
+
+
+def target_moments(teacher, class_labels: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact mean [D] and covariance [D,D] (float64, D = C·H·W) of Σ_k w_k N(μ_k, s²I), w = component_weights.
+
+    mean m = Σ w_k μ_k; cov = s²I + Σ w_k (μ_k − m)(μ_k − m)ᵀ (law of total covariance).
+    """
+    w = component_weights(teacher, class_labels)
+    mu = teacher.means.reshape(teacher.means.shape[0], -1)
+    mean = w @ mu
+    centered = mu - mean
+    cov = (centered * w[:, None]).T @ centered
+    cov.diagonal().add_(teacher.std ** 2)
+    return mean, cov
+
+
+def mixture_moments(teacher) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact mean [D] and covariance [D,D] (float64) of the whole mixture p(x) = Σ π_k N(μ_k, s²I)."""
+    return target_moments(teacher, None)
+
+
+def _sample_moments(flat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sample mean [D] and unbiased covariance [D,D] of rows [N,D] (float64)."""
+    mean = flat.mean(0)
+    centered = flat - mean
+    return mean, centered.T @ centered / (flat.shape[0] - 1)
+
+
+def _set_scores(teacher, images: torch.Tensor, class_labels, target, weights) -> Dict[str, float]:
+    """fd_exact, component_tv, rms_to_mean of one image set [N,C,H,W] float64 on the teacher's device."""
+    from pid.metrics.stats import frechet_distance
+    flat = images.reshape(images.shape[0], -1)
+    mean, cov = _sample_moments(flat)
+    with warnings.catch_warnings():  # a sample covariance is singular whenever N <= D or the sampler collapses
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        fd = frechet_distance(mean.cpu().numpy(), cov.cpu().numpy(), target[0].cpu().numpy(),
+                              target[1].cpu().numpy())
+    comp = teacher.component_of(images, class_labels)
+    freq = torch.bincount(comp, minlength=weights.shape[0]).to(torch.float64) / images.shape[0]
+    rms = (teacher._sq_dist(images).min(dim=1).values / flat.shape[1]).mean().sqrt()
+    return {"fd_exact": fd, "component_tv": float(0.5 * (freq - weights).abs().sum()), "rms_to_mean": float(rms)}
+
+
+@torch.no_grad()
+def distribution_metrics(teacher, images: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                         data_seed: int = 0) -> Dict[str, float]:
+    """Score a set of images [N,C,H,W] in [-1,1] (N >= 2) against the exact target distribution.
+
+    The target is Σ_k w_k N(μ_k, s²I) with w_k = mean_i p(k | label_i) (see `component_weights`); class_labels
+    [N,label_dim] are the labels the images were generated with (None: unconditional). Returns floats:
+    `fd_exact` (Fréchet distance between the images' pixel mean/covariance and the exact target moments),
+    `component_tv` (total variation ½Σ|f_k − w_k| between the frequencies f_k of the images' most likely
+    component and w_k), `rms_to_mean` (sqrt of the mean over images of min_k ‖x − μ_k‖²/D; the data's value is
+    the component std s), and `data_fd_exact`, `data_component_tv`, `data_rms_to_mean`: the same for N exact
+    data samples with the same labels (drawn with `data_seed`), the floor a perfect sampler reaches at this N.
+    Every value is invariant to the order of the (image, label) pairs: the data samples are drawn for the
+    labels sorted by class.
+    """
+    device = teacher.means.device
+    images = images.to(device, torch.float64)
+    labels = None if class_labels is None else class_labels.to(device, torch.float64)
+    if images.shape[0] < 2:
+        raise ValueError(f"distribution_metrics needs at least 2 images, got {images.shape[0]}")
+    weights = component_weights(teacher, labels)
+    target = target_moments(teacher, labels)
+    scores = _set_scores(teacher, images, labels, target, weights)
+    sorted_labels = None if labels is None else labels[labels.argmax(dim=1).argsort(stable=True)]
+    gen = torch.Generator().manual_seed(data_seed)
+    data = teacher.sample_data(images.shape[0], generator=gen, class_labels=sorted_labels)
+    floor = _set_scores(teacher, data, sorted_labels, target, weights)
+    return {**scores, **{f"data_{k}": v for k, v in floor.items()}}

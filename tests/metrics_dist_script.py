@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_metrics_evaluate import ToyStudent, teacher_for_tests, OracleStudent  # noqa: E402
+from test_metrics_evaluate import AncestralGenerator, ToyStudent, teacher_for_tests, OracleStudent  # noqa: E402
 
 from pid.metrics.evaluate import make_evaluator  # noqa: E402
 
@@ -22,9 +22,10 @@ def main(out: str, detector: str, ref: str) -> None:
         ToyStudent(scale=0.9, label_dim=3))
     teacher = teacher_for_tests()
     exact = make_evaluator(teacher, num=7, fid_ref=None, batch=2, device="cpu")(OracleStudent(teacher, offset=0.2))
+    stochastic = make_evaluator(teacher, num=7, fid_ref=None, batch=2, device="cpu")(AncestralGenerator(teacher))
     if dist.get_rank() == 0:
         with open(out, "w") as f:
-            json.dump(dict(fid=fid, exact=exact), f)
+            json.dump(dict(fid=fid, exact=exact, stochastic=stochastic), f)
     dist.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ from metrics_helpers import TinyInception, save_torchscript
 from pid.errors import CheckpointError, ConfigError
 from pid.metrics import ImageSet, compute_statistics, load_detector, save_stats
 from pid.metrics.evaluate import make_evaluator, seed_inputs
+from pid.samplers import ancestral_sampler
 from pid.toy import GaussianMixtureTeacher
 
 
@@ -49,6 +50,21 @@ class OracleStudent(torch.nn.Module):
         return pid.exact_eval.reference_endpoints(self.teacher, latents, class_labels, num_steps=64) + self.offset
 
 
+class AncestralGenerator(torch.nn.Module):
+    """A stochastic generator: the analytic teacher under moment matching's ancestral sampler (k steps)."""
+    stochastic = True
+
+    def __init__(self, teacher, k: int = 3):
+        super().__init__()
+        self.teacher, self.k = teacher, k
+        self.label_dim, self.img_channels, self.img_resolution = teacher.label_dim, 3, teacher.img_resolution
+        self.noise_sources = []
+
+    def generate(self, latents, class_labels=None, randn_like=torch.randn_like):
+        self.noise_sources.append(randn_like)
+        return ancestral_sampler(self.teacher, latents, class_labels, randn_like=randn_like, num_steps=self.k)
+
+
 def test_seed_inputs_depend_only_on_the_seed():
     z, c = seed_inputs([3, 4, 5], [3, 4, 4], 10, torch.device("cpu"))
     z2, c2 = seed_inputs([5], [3, 4, 4], 10, torch.device("cpu"))
@@ -78,6 +94,36 @@ def test_exact_metrics_for_builtin_teacher(monkeypatch):
     assert calls == [3] * 6
     again = make_evaluator(teacher, num=6, fid_ref=None, batch=6)(OracleStudent(teacher, offset=0.3))["metrics"]
     assert again == pytest.approx(worse, rel=1e-12)  # batch size does not change which noise a seed gets
+
+
+def test_stochastic_generator_gets_distribution_metrics_with_per_seed_noise(monkeypatch):
+    teacher = teacher_for_tests()
+    monkeypatch.setattr(pid.exact_eval, "reference_endpoints", lambda *a, **k: pytest.fail("not needed"))
+    gen = AncestralGenerator(teacher)
+    result = make_evaluator(teacher, num=12, fid_ref=None, batch=5)(gen)
+    assert result["primary"] == "fd_exact" and result["mode"] == "min"
+    m = result["metrics"]
+    assert set(m) == {"fd_exact", "component_tv", "rms_to_mean", "data_fd_exact", "data_component_tv",
+                      "data_rms_to_mean"}
+    assert all(f is not torch.randn_like for f in gen.noise_sources)  # the seeds' own generators
+    # the evaluation batch does not change any image: the same numbers at batch 12 and batch 1
+    for batch in (12, 1):
+        assert make_evaluator(teacher, num=12, fid_ref=None, batch=batch)(gen)["metrics"] == pytest.approx(m,
+                                                                                                        rel=1e-12)
+    latents, labels = seed_inputs(list(range(12)), [3, 4, 4], 2, torch.device("cpu"))
+    shared = ancestral_sampler(teacher, latents, labels, num_steps=3, randn_like=lambda x: torch.zeros_like(x))
+    assert pid.exact_eval.distribution_metrics(teacher, shared, labels) != pytest.approx(m, rel=1e-6)
+
+
+def test_fid_of_stochastic_generator_uses_per_seed_noise(tmp_path):
+    det_path = save_torchscript(TinyInception(dim=8, classes=10), str(tmp_path / "inc.pt"))
+    g = np.random.RandomState(0).standard_normal((8, 12))
+    ref = save_stats(str(tmp_path / "ref.npz"), np.zeros(8), g @ g.T / 12)
+    gen = AncestralGenerator(teacher_for_tests(), k=2)
+    fids = [make_evaluator(None, num=10, fid_ref=ref, detector=det_path, batch=b, device="cpu")(gen)["metrics"]
+            for b in (3, 10)]
+    assert fids[0] == pytest.approx(fids[1], rel=1e-9)
+    assert all(f is not torch.randn_like for f in gen.noise_sources)
 
 
 def test_fid_evaluator_matches_fid_of_written_images(tmp_path):
@@ -129,3 +175,6 @@ def test_distributed_evaluation_matches_single_process(tmp_path):
     exact = make_evaluator(teacher, num=7, fid_ref=None, batch=2)(OracleStudent(teacher, offset=0.2))
     for key in ("rmse", "component_accuracy", "log_likelihood"):  # per-image means, weighted by rank counts
         assert got["exact"]["metrics"][key] == pytest.approx(exact["metrics"][key], rel=1e-9)
+    stochastic = make_evaluator(teacher, num=7, fid_ref=None, batch=2)(AncestralGenerator(teacher))
+    assert got["stochastic"]["metrics"] == pytest.approx(stochastic["metrics"], rel=1e-9)  # gathered from both ranks
+    assert got["stochastic"]["primary"] == "fd_exact"

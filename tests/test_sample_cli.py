@@ -14,7 +14,7 @@ from PIL import Image
 import edm_networks
 from edm_pickle_writer import snapshot_bytes
 from pid.images import to_uint8
-from pid.samplers import edm_sampler
+from pid.samplers import ancestral_sampler, edm_sampler
 from pid.seeds import StackedRandomGenerator
 from pid.teachers import load_teacher
 
@@ -183,3 +183,57 @@ def test_torchrun_splits_seeds_across_ranks(tmp_path):
     assert dist["seeds"].tolist() == list(range(7))
     assert np.array_equal(dist["images"], one["images"]) and np.array_equal(dist["labels"], one["labels"])
     assert sorted(os.listdir(tmp_path / "dist")) == [f"{s:06d}.png" for s in range(7)]
+
+
+def test_ancestral_sampler_option_is_per_seed(tmp_path):
+    one, five = tmp_path / "one", tmp_path / "five"
+    assert run("--ckpt=builtin:glyphs16", "--sampler=ancestral", "--steps=3", "--seeds=0-4", "--batch=1",
+               "--outdir", one).exit_code == 0
+    result = run("--ckpt=builtin:glyphs16", "--sampler=ancestral", "--steps=3", "--seeds=0-4", "--batch=5",
+                 "--outdir", five, "--npz", tmp_path / "a.npz")
+    assert result.exit_code == 0, result.output
+    for seed in range(5):
+        assert np.array_equal(png(one / f"{seed:06d}.png"), png(five / f"{seed:06d}.png"))
+    teacher = load_teacher("builtin:glyphs16")
+    rnd = StackedRandomGenerator("cpu", [0, 1, 2, 3, 4])
+    latents = rnd.randn([5, 3, 16, 16])
+    labels = torch.eye(10)[rnd.randint(10, size=[5])]
+    direct = to_uint8(ancestral_sampler(teacher, latents, labels, randn_like=rnd.randn_like, num_steps=3)).numpy()
+    assert np.array_equal(direct, np.load(tmp_path / "a.npz")["images"])
+    heun = run("--ckpt=builtin:glyphs16", "--seeds=0-4", "--npz", tmp_path / "h.npz")
+    assert heun.exit_code == 0 and not np.array_equal(np.load(tmp_path / "h.npz")["images"], direct)
+    _assert_user_error(run("--ckpt=builtin:glyphs16", "--sampler=ancestral", "--S_churn=1", "--outdir", one),
+                       "--S_churn")
+
+
+class FakeMMStudent(torch.nn.Module):
+    """Stands in for pid.methods.mm's student: the glyph teacher under the ancestral sampler with k = 2."""
+    stochastic = True
+
+    def __init__(self):
+        super().__init__()
+        self.teacher, self.k = load_teacher("builtin:glyphs16"), 2
+        self.img_channels, self.img_resolution, self.label_dim = 3, 16, 10
+        self.steps_asked = []
+
+    def generate(self, latents, class_labels=None, randn_like=torch.randn_like, num_steps=None):
+        self.steps_asked.append(num_steps)
+        return ancestral_sampler(self.teacher, latents, class_labels, randn_like=randn_like,
+                                 num_steps=num_steps or self.k)
+
+
+def test_mm_student_checkpoint_hook(tmp_path, monkeypatch):
+    from pid.training.checkpoint import write_student_checkpoint
+    path = tmp_path / "student-000000.pt"
+    write_student_checkpoint(str(path), {"class": "MMStudent"}, {"raw": {}}, "raw", step=0)
+    monkeypatch.setitem(sys.modules, "pid.methods.mm.student", None)  # an install without moment matching
+    _assert_user_error(run("--ckpt", path, "--outdir", tmp_path / "x"), "MMStudent", "pid.methods.mm")
+    students = []
+    fake = type(sys)("pid.methods.mm.student")
+    fake.load_mm_student = lambda spec, device=None: students.append(FakeMMStudent()) or students[-1]
+    monkeypatch.setitem(sys.modules, "pid.methods.mm.student", fake)
+    assert run("--ckpt", path, "--seeds=0-3", "--batch=4", "--npz", tmp_path / "own.npz").exit_code == 0
+    assert run("--ckpt", path, "--seeds=0-3", "--batch=1", "--steps=2", "--npz", tmp_path / "two.npz").exit_code == 0
+    assert students[0].steps_asked == [None] and students[1].steps_asked == [2] * 4  # --steps only when given
+    # per-seed noise: batch 4 with its own k equals batch 1 with k given explicitly
+    assert np.array_equal(np.load(tmp_path / "own.npz")["images"], np.load(tmp_path / "two.npz")["images"])

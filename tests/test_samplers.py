@@ -11,7 +11,7 @@ import torch
 import edm_networks
 from pid.errors import ConfigError
 from pid.images import image_path, to_uint8
-from pid.samplers import ablation_sampler, edm_sampler, karras_sigmas
+from pid.samplers import ablation_sampler, ancestral_sampler, edm_sampler, karras_sigmas, ve_posterior
 from pid.seeds import StackedRandomGenerator, parse_seeds, split_seeds
 
 
@@ -190,6 +190,54 @@ def test_stacked_generator_is_batch_independent():
     assert whole[2].dtype == torch.float64
     with pytest.raises(ValueError):
         StackedRandomGenerator("cpu", [1, 2]).randn([3, 1])
+
+
+def test_ancestral_sampler_is_per_seed():
+    """Moment matching's sampler with per-seed noise: a seed's image does not depend on its batch."""
+    from pid.toy import GaussianMixtureTeacher
+    g = torch.Generator().manual_seed(0)
+    teacher = GaussianMixtureTeacher(torch.rand([4, 3, 4, 4], generator=g, dtype=torch.float64) * 2 - 1,
+                                     torch.tensor([0, 0, 1, 1]), std=0.1, label_dim=2)
+
+    def images(seeds, k):
+        rnd = StackedRandomGenerator("cpu", seeds)
+        latents = rnd.randn([len(seeds), 3, 4, 4])
+        labels = torch.eye(2)[rnd.randint(2, size=[len(seeds)])]
+        return ancestral_sampler(teacher, latents, labels, randn_like=rnd.randn_like, num_steps=k)
+    for k in (1, 2, 5):
+        whole = images([3, 4, 5, 6, 7], k)
+        assert whole.dtype == torch.float64
+        assert torch.equal(whole, torch.cat([images([3, 4], k), images([5], k), images([6, 7], k)]))
+    assert not torch.allclose(images([3], 5), images([3], 2))  # the noise and the grid matter
+
+
+def test_ve_posterior_reproduces_the_forward_process():
+    """x fixed, z_t ~ N(x, σ_t²), z_s ~ q(z_s | z_t, x): the pair must have the forward process's joint law,
+    z_s = x + σ_s ε1, z_t = z_s + sqrt(σ_t² − σ_s²) ε2, i.e. Var z_s = σ_s², Cov(z_s, z_t) = σ_s², Var z_t = σ_t²."""
+    n, sigma_s, sigma_t = 50000, 0.7, 1.9
+    g = torch.Generator().manual_seed(1)
+    x = torch.tensor([0.3, -1.2, 0.8, 0.0], dtype=torch.float64).reshape(1, 1, 2, 2).expand(n, -1, -1, -1)
+    z_t = x + sigma_t * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    mean, std = ve_posterior(z_t, x, sigma_t, sigma_s)
+    per_sample = ve_posterior(z_t, x, torch.full([n], sigma_t, dtype=torch.float64),
+                              torch.full([n], sigma_s, dtype=torch.float64))
+    torch.testing.assert_close(per_sample[0], mean, rtol=1e-15, atol=1e-15)
+    assert per_sample[1].shape == (n, 1, 1, 1) and torch.allclose(per_sample[1], std.expand(n, 1, 1, 1))
+    z_s = mean + std * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    a, b = (z_s - x).flatten(), (z_t - x).flatten()  # 4 pixels, iid given x: pool them
+    m = a.numel()
+    # standard errors for Gaussian pairs: mean σ/√m; variance σ²·√(2/m); covariance √((σ_s²σ_t² + σ_s⁴)/m)
+    assert abs(a.mean()) < 5 * sigma_s / m ** 0.5 and abs(b.mean()) < 5 * sigma_t / m ** 0.5
+    assert abs(a.var() - sigma_s ** 2) < 5 * sigma_s ** 2 * (2 / m) ** 0.5
+    assert abs(b.var() - sigma_t ** 2) < 5 * sigma_t ** 2 * (2 / m) ** 0.5
+    cov = ((a - a.mean()) * (b - b.mean())).mean()
+    cov_tol = 5 * ((sigma_s ** 2 * sigma_t ** 2 + sigma_s ** 4) / m) ** 0.5
+    assert abs(cov - sigma_s ** 2) < cov_tol < 0.02  # tight enough to reject e.g. r = σ_s/σ_t (cov 1.33 vs 0.49)
+    # the edges: σ_s → 0 returns x exactly; σ_s = σ_t returns z_t with no noise
+    torch.testing.assert_close(ve_posterior(z_t, x, sigma_t, 0.0)[0], x)
+    same = ve_posterior(z_t, x, sigma_t, sigma_t)
+    torch.testing.assert_close(same[0], z_t)
+    assert float(same[1]) == 0.0
 
 
 def test_uint8_conversion_and_paths():

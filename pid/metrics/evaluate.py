@@ -5,6 +5,11 @@ Two modes, chosen once by `make_evaluator`:
   quantisation, the same detector and statistics as `fid.py calc`.
 * Exact metrics for a built-in analytic teacher (no download): RMSE to the teacher's reference ODE endpoint of
   the same noise, component accuracy and log-likelihood (`pid.exact_eval`); the endpoints are computed once.
+  A stochastic generator (attribute `stochastic = True`, e.g. a moment-matching student) has no per-seed
+  endpoint: its images are scored as a set against the exact target distribution (`distribution_metrics`).
+
+Stochastic generators get `randn_like` from the seed's own generator, drawn after the latents and the label
+(EDM's order), so their images, too, depend on the seed only, never on the batch.
 """
 
 from typing import Callable, Dict, List, Optional
@@ -18,7 +23,17 @@ from pid.metrics.stats import StatsAccumulator, frechet_distance, inception_scor
 from pid.metrics.features import gather_rows, rank_batches
 from pid.seeds import StackedRandomGenerator
 
-__all__ = ["make_evaluator", "seed_inputs"]
+__all__ = ["make_evaluator", "seed_inputs", "seed_draws", "generate_seeds", "is_stochastic"]
+
+
+def seed_draws(seeds: List[int], shape, label_dim: int, device: torch.device):
+    """(rnd, latents, labels): `seed_inputs` plus the per-seed generator, positioned for the sampler's noise."""
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), *shape], device=device)
+    labels = None
+    if label_dim:
+        labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)]
+    return rnd, latents, labels
 
 
 def seed_inputs(seeds: List[int], shape, label_dim: int, device: torch.device):
@@ -26,12 +41,23 @@ def seed_inputs(seeds: List[int], shape, label_dim: int, device: torch.device):
 
     Draw order as generate.py: latents first, then the label `randint`, each from the seed's own generator.
     """
-    rnd = StackedRandomGenerator(device, seeds)
-    latents = rnd.randn([len(seeds), *shape], device=device)
-    labels = None
-    if label_dim:
-        labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)], device=device)]
-    return latents, labels
+    return seed_draws(seeds, shape, label_dim, device)[1:]
+
+
+def is_stochastic(generator) -> bool:
+    """True for generators whose `generate` draws noise (`stochastic = True`, e.g. moment matching's students)."""
+    return getattr(generator, "stochastic", False) is True
+
+
+def generate_seeds(generator, seeds: List[int], shape, device):
+    """(images [N,C,H,W] in [-1, 1], labels [N,label_dim] or None) for one batch of seeds, per-seed throughout.
+
+    A stochastic generator gets `randn_like=rnd.randn_like` of the seeds' generators (after latents and labels).
+    """
+    rnd, latents, labels = seed_draws(seeds, shape, generator.label_dim, device)
+    if is_stochastic(generator):
+        return generator.generate(latents, labels, randn_like=rnd.randn_like), labels
+    return generator.generate(latents, labels), labels
 
 
 def _world(distributed: Optional[bool]):
@@ -42,9 +68,8 @@ def _world(distributed: Optional[bool]):
     return (dist.get_rank(), dist.get_world_size()) if distributed and on else (0, 1)
 
 
-def _generate_uint8(generator, latents, labels) -> torch.Tensor:
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Student images [-1, 1] -> uint8 [N, C, H, W] with EDM's truncating `x·127.5 + 128` conversion."""
-    images = generator.generate(latents, labels)
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
@@ -81,6 +106,9 @@ class _Evaluator:
             generator.eval()
         try:
             with torch.no_grad():
+                if self.exact and is_stochastic(generator):
+                    metrics = self._distribution(generator, shape, device, rank, world)
+                    return dict(metrics=metrics, primary="fd_exact", mode="min")
                 if self.exact:
                     metrics = self._exact(generator, shape, device, rank, world)
                     return dict(metrics=metrics, primary="rmse", mode="min")
@@ -92,8 +120,7 @@ class _Evaluator:
     def _fid(self, generator, shape, device, rank, world) -> Dict[str, float]:
         acc, probs, order = StatsAccumulator(self.detector.device), [], []
         for seeds in self._batches(rank, world):
-            latents, labels = seed_inputs(seeds, shape, generator.label_dim, device)
-            images = _generate_uint8(generator, latents, labels)
+            images = _to_uint8(generate_seeds(generator, seeds, shape, device)[0])
             acc.update(self.detector.features(images))
             if self.detector.has_probs:
                 probs.append(self.detector.probs(images).cpu().numpy())
@@ -126,6 +153,22 @@ class _Evaluator:
         return {k: float(v) for k, v in metrics.items()}
 
 
+    def _distribution(self, generator, shape, device, rank, world) -> Dict[str, float]:
+        """Set metrics of a stochastic generator; every rank scores all images (gathered in seed order)."""
+        from pid.exact_eval import distribution_metrics
+        rows, order = [], []
+        for seeds in self._batches(rank, world):
+            images, labels = generate_seeds(generator, seeds, shape, device)
+            parts = [images.reshape(len(seeds), -1)] + ([] if labels is None else [labels])
+            rows.append(torch.cat([p.to(torch.float64) for p in parts], dim=1).cpu().numpy())
+            order.extend(s - self.seeds[0] for s in seeds)
+        table = torch.from_numpy(gather_rows(rows, order, len(self.seeds)) if world > 1 else np.concatenate(rows))
+        dim = int(np.prod(shape))
+        images = table[:, :dim].reshape(-1, *shape)
+        labels = table[:, dim:] if generator.label_dim else None
+        return distribution_metrics(self.teacher, images, labels)
+
+
 def make_evaluator(teacher, *, num: int, fid_ref: Optional[str], detector: Optional[str] = None, batch: int = 64,
                    seed0: int = 0, device=None, distributed: Optional[bool] = None,
                    splits: int = 10) -> Callable[[torch.nn.Module], Dict]:
@@ -141,7 +184,9 @@ def make_evaluator(teacher, *, num: int, fid_ref: Optional[str], detector: Optio
       detector is the Inception network and num >= splits. `detector` as in `fid.py --detector`.
     * `fid_ref` None and a built-in analytic teacher (has `component_of`, `log_prob`): metrics `rmse` (primary),
       `component_accuracy`, `log_likelihood`, `data_log_likelihood` from `pid.exact_eval`; the reference
-      endpoints are computed on the first call and cached.
+      endpoints are computed on the first call and cached. For a stochastic generator (`stochastic = True`,
+      called as `generate(latents, labels, randn_like=...)` with the seeds' own noise): `fd_exact` (primary),
+      `component_tv`, `rms_to_mean` and their `data_*` floors from `pid.exact_eval.distribution_metrics`.
     * otherwise: ConfigError (an EDM teacher needs `--fid-ref`).
     Files (statistics, detector) are loaded here, once, so a bad path fails before training starts.
     Distributed (torch.distributed initialised, `distributed` None or True): seeds are split across ranks, the
