@@ -6,9 +6,11 @@ table of `pid.exact_eval.distribution_metrics`: Fréchet distance in pixel space
 total variation of the mixture-component frequencies, and the RMS distance to the nearest component mean (the
 data's value is the component std), plus the floor exact data samples reach at the same N and labels. Images
 are scored as the samplers return them (not clamped to [-1, 1]), like the exact data they are compared with.
-MM students are placed on this table by their own benchmark.
+Distilled students (MM with their own k, PID with one call) join the same table with --student NAME=PATH
+(repeatable); --no-teacher leaves the teacher rows out.
 
     python bench/mm_teacher_baselines.py --num=2000
+    python bench/mm_teacher_baselines.py --no-teacher --student "MM k=4=runs/.../student-0002000.pt"
 """
 
 import os
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pid.cli import user_errors  # noqa: E402
 from pid.errors import ConfigError  # noqa: E402
 from pid.exact_eval import distribution_metrics, heun_endpoints  # noqa: E402
-from pid.metrics.evaluate import seed_draws, seed_inputs  # noqa: E402
+from pid.metrics.evaluate import generate_seeds, seed_draws, seed_inputs  # noqa: E402
 from pid.samplers import ancestral_sampler  # noqa: E402
 from pid.teachers import load_teacher  # noqa: E402
 
@@ -48,6 +50,24 @@ def ancestral_images(teacher, seeds, k: int, batch: int, device):
     return torch.cat(images), None if labels[0] is None else torch.cat(labels)
 
 
+def student_images(path: str, seeds, batch: int, device):
+    """A student checkpoint's images for the seeds (MM: its own k with per-seed noise; PID: one call), NFE."""
+    from pid.training.checkpoint import read_student_checkpoint
+    spec = read_student_checkpoint(path)["spec"]
+    if spec.get("class") == "MMStudent":
+        from pid.methods.mm import load_mm_student
+        student, nfe = load_mm_student(path, device=device), spec["k"]
+    else:
+        from pid.methods.pid import load_student
+        student, nfe = load_student(path, device=device), 1
+    images, labels = [], []
+    for start in range(0, len(seeds), batch):
+        x, c = generate_seeds(student, seeds[start:start + batch], _shape(student), device)
+        images.append(x.double())
+        labels.append(c)
+    return torch.cat(images), None if labels[0] is None else torch.cat(labels), nfe
+
+
 def format_table(rows, floor) -> str:
     lines = ["| sampler | NFE | fd_exact | component_tv | rms_to_mean | time (s) |", "|---|---:|---:|---:|---:|---:|"]
     for name, nfe, m, secs in rows:
@@ -65,16 +85,28 @@ def format_table(rows, floor) -> str:
 @click.option("--ancestral-steps", default="1,2,4,8,16,32", show_default=True, help="Ancestral k (NFE = k)")
 @click.option("--batch", type=click.IntRange(min=1), default=500, show_default=True, help="Images per call")
 @click.option("--device", default="cpu", show_default=True, help="torch device")
+@click.option("--student", "students", multiple=True, help="NAME=PATH of a student checkpoint to add (repeatable)")
+@click.option("--no-teacher", is_flag=True, help="Only the students' rows")
 @user_errors
-def main(spec, num, heun_steps, ancestral_steps, batch, device):
-    """Print the Heun-vs-ancestral teacher table (markdown) for an analytic teacher."""
+def main(spec, num, heun_steps, ancestral_steps, batch, device, students, no_teacher):
+    """Print the Heun-vs-ancestral teacher table (markdown) for an analytic teacher, and students beside it."""
     teacher = load_teacher(spec, device=device)
     if not hasattr(teacher, "component_of"):
         raise ConfigError(f"{spec} is not an analytic teacher: exact metrics need builtin:glyphs32 or glyphs16.")
     seeds, dev = list(range(num)), torch.device(device)
     runs = [("Heun", s, 2 * s - 1, heun_images) for s in map(int, heun_steps.split(","))]
     runs += [("ancestral", k, k, ancestral_images) for k in map(int, ancestral_steps.split(","))]
+    runs = [] if no_teacher else runs
     rows, floor = [], None
+    for item in students:
+        name, _, path = item.rpartition("=")
+        if not name:
+            raise ConfigError(f"--student expects NAME=PATH, got {item!r}")
+        t0 = time.perf_counter()
+        images, labels, nfe = student_images(path, seeds, batch, dev)
+        m = distribution_metrics(teacher, images, labels)
+        floor = floor or m
+        rows.append((name, nfe, m, time.perf_counter() - t0))
     for name, steps, nfe, sample in runs:
         t0 = time.perf_counter()
         images, labels = sample(teacher, seeds, steps, batch, dev)

@@ -43,7 +43,7 @@ DEFAULT_RECIPE: dict = dict(
     force_t1=False, student_preset=None,
     steps=2000, batch=32, lr=2e-3, optimizer="adam", betas="0.0,0.99", eps=1e-12, precision="fp32",
     ema="0.99,0.995", default_ema=0.99, warmup=100, lr_schedule="linear", grad_clip=1.0, snap=500,
-    grid_every=500, grid_seeds=64, log_every=10, eval_every=500, eval_num=500,
+    grid_every=500, grid_seeds=64, log_every=10, eval_every=500, eval_num=2000,
 )
 
 _PAPER_OPT = dict(optimizer="adam", betas="0.0,0.99", eps=1e-12, lr_schedule="linear", grad_clip=1.0, warmup=1000,
