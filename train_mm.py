@@ -57,6 +57,7 @@ def build_run(opts: dict):
 @click.option("--weight", type=click.Choice(WEIGHTS), default=None, help="w(σ_s) of both losses  [default: edm]")
 @click.option("--sigma-floor", type=float, default=None, help="edm-bounded: w constant below this σ  [default: 0.1]")
 @click.option("--force-t1", type=bool, default=None, help="Train every sample from t = 1 (one-step variant)  [default: false]")
+@click.option("--aux-lr-mult", type=float, default=None, help="Auxiliary denoiser's lr / the generator's  [default: 1]")
 @click.option("--student-preset", default=None, help="Residual network for built-in teachers  [default: glyphs<resolution>]")
 @train_options(DEFAULT_RECIPE)
 @user_errors

@@ -130,7 +130,7 @@ class Trainer:
         rounds, micro = cfg.accum_rounds(world), cfg.micro_batch(world)
         phase = self.phase()
         optimizer, scaler, params = self.optimizers[phase], self.scalers[phase], self.params[phase]
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, cfg) * (self.method.lr_scale(phase) if hasattr(self.method, "lr_scale") else 1.0)
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=False)
         loss_sum = torch.zeros((), device=self.device)

@@ -19,7 +19,8 @@ class Method(Protocol):
     `train`; the method then defines `phase(step) -> name` (the network step `step` updates: its optimizer
     steps, the others are left alone), `export` (the name sampled, evaluated and written to student
     checkpoints) and `ema_networks` (names that keep EMAs), and its `loss` is called as
-    `loss(networks, batch_size, generator, device, micro_batch)` with a `pid.training.loop.MicroBatch`.
+    `loss(networks, batch_size, generator, device, micro_batch)` with a `pid.training.loop.MicroBatch`. An optional
+    `lr_scale(name) -> float` multiplies the scheduled learning rate of that network (two-timescale training).
     """
 
     name: str

@@ -22,7 +22,8 @@ def build_mm_run(cfg, seed: int = 0):
     lo, hi = default_sigma_range(teacher)
     lo = float(cfg.sigma_min if cfg.sigma_min is not None else lo)
     hi = float(cfg.sigma_max if cfg.sigma_max is not None else hi)
-    method = MomentMatching(teacher, data, cfg.k, lo, hi, cfg.rho, cfg.weight, cfg.sigma_floor, cfg.force_t1)
+    method = MomentMatching(teacher, data, cfg.k, lo, hi, cfg.rho, cfg.weight, cfg.sigma_floor, cfg.force_t1,
+                            cfg.aux_lr_mult)
     gen, spec = denoiser_from_teacher(teacher, cfg.teacher, cfg.student_preset, seed)
     aux, _ = denoiser_from_teacher(teacher, cfg.teacher, cfg.student_preset, seed)
     student = MMStudent(gen, spec, k=cfg.k, sigma_min=lo, sigma_max=hi, rho=cfg.rho,

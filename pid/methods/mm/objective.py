@@ -46,7 +46,8 @@ class MomentMatching:
     teacher: frozen denoiser D(x, σ, labels); data: a `pid.data` source with `sample(position, count, generator,
     device) -> (x [B,C,H,W] in [-1,1], one-hot labels or None)`; k: sampling steps the generator is trained for;
     (sigma_min, sigma_max, rho): the t→σ map; weight/sigma_floor: w(σ_s); force_t1: t ≡ 1 (the k = 1 variant
-    of one-step methods; by default k = 1 follows the general rule t = min(1, s + δ)).
+    of one-step methods; by default k = 1 follows the general rule t = min(1, s + δ)); aux_lr_mult: the
+    auxiliary denoiser's learning rate relative to the generator's.
     """
 
     name = "mm"
@@ -54,13 +55,16 @@ class MomentMatching:
     ema_networks = ("generator",)
 
     def __init__(self, teacher: nn.Module, data, k: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
-                 weight: str = "edm", sigma_floor: float = 0.1, force_t1: bool = False):
+                 weight: str = "edm", sigma_floor: float = 0.1, force_t1: bool = False, aux_lr_mult: float = 1.0):
         if k < 1:
             raise ConfigError(f"--k must be at least 1, got {k}")
         loss_weight(weight, torch.ones(1))  # validates the name now, not at the first step
         self.teacher, self.data, self.k = teacher, data, int(k)
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.weight, self.sigma_floor, self.force_t1 = weight, float(sigma_floor), bool(force_t1)
+        if not aux_lr_mult > 0:
+            raise ConfigError(f"--aux-lr-mult must be > 0, got {aux_lr_mult}")
+        self.aux_lr_mult = float(aux_lr_mult)
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
 
     def to(self, device) -> "MomentMatching":
@@ -71,8 +75,12 @@ class MomentMatching:
         """1:1 alternation by step parity: the auxiliary denoiser first (it must track the generator)."""
         return "aux" if step % 2 == 0 else "generator"
 
+    def lr_scale(self, name: str) -> float:
+        """The auxiliary denoiser may learn faster than the generator (it has to track it)."""
+        return self.aux_lr_mult if name == "aux" else 1.0
+
     def config_dict(self) -> dict:
-        return {"name": self.name, "k": self.k, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+        return {"aux_lr_mult": self.aux_lr_mult, "name": self.name, "k": self.k, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
                 "rho": self.rho, "weight": self.weight, "sigma_floor": self.sigma_floor, "force_t1": self.force_t1,
                 "algorithm": "alternating"}
 

@@ -29,6 +29,7 @@ class MMConfig:
     weight: str = "edm"                    # w(σ_s): edm, edm-bounded or uniform
     sigma_floor: float = 0.1               # edm-bounded: w is constant below this σ
     force_t1: bool = False                 # t ≡ 1 (one-step methods' variant; meaningful for k = 1)
+    aux_lr_mult: float = 1.0               # auxiliary denoiser's learning rate / the generator's
     student_preset: Optional[str] = None   # residual network for built-in teachers (None: glyphs<resolution>)
     eval_num: int = 1000
     fid_ref: Optional[str] = None
@@ -40,7 +41,7 @@ class MMConfig:
 # batch, EMA and weight were chosen by the measurements in BENCHMARKS.md (moment matching, (a)).
 DEFAULT_RECIPE: dict = dict(
     teacher="builtin:glyphs16", data=None, algorithm="alternating", k=4, rho=7.0, weight="edm", sigma_floor=0.1,
-    force_t1=False, student_preset=None,
+    force_t1=False, aux_lr_mult=1.0, student_preset=None,
     steps=2000, batch=32, lr=2e-3, optimizer="adam", betas="0.0,0.99", eps=1e-12, precision="fp32",
     ema="0.99,0.995", default_ema=0.99, warmup=100, lr_schedule="linear", grad_clip=1.0, snap=500,
     grid_every=500, grid_seeds=64, log_every=10, eval_every=500, eval_num=2000,
