@@ -14,7 +14,8 @@ from typing import Optional
 import click
 import torch
 
-from pid.cli import user_errors
+from pid.cli import OneLineGroup, user_errors
+from pid.errors import DataError
 from pid.metrics.features import compute_statistics
 from pid.metrics.images import ImageSet
 from pid.metrics.inception import INCEPTION_URL, load_detector
@@ -66,7 +67,7 @@ def _common(fn):
     return fn
 
 
-@click.group()
+@click.group(cls=OneLineGroup)
 def main():
     """Compute FID and Inception Score exactly as EDM does (same detector input, statistics and formula)."""
 
@@ -116,10 +117,23 @@ def calc(images, ref_path, num, seed, with_is, splits, batch, detector, workers,
     stats = _stats(images, num, seed, batch, workers, det, rank, with_probs=with_is, expect_dim=ref_mu.shape[0])
     if rank == 0:
         _say(rank, "Calculating FID...")
-        click.echo(f"{frechet_distance(stats['mu'], stats['sigma'], ref_mu, ref_sigma):g}")
+        fid = frechet_distance(stats['mu'], stats['sigma'], ref_mu, ref_sigma)
+        _check_fid(fid, int(stats["n"]), int(ref_mu.shape[0]), rank)
+        click.echo(f"{fid:g}")
         if with_is:
             mean, std = inception_score(stats["probs"], splits)
             click.echo(f"IS {mean:g} +- {std:g}")
+
+
+def _check_fid(fid: float, n: int, dim: int, rank: int) -> None:
+    """Say when the FID is not meaningful: too few images for a full-rank covariance, or a negative value."""
+    if n > dim and fid >= 0:
+        return
+    why = (f"{n} images give a singular {dim}x{dim} covariance (at least {dim + 1} are needed; EDM's protocol "
+           f"uses 50000, --num)") if n <= dim else "the statistics are numerically degenerate"
+    if fid < 0:
+        raise DataError(f"FID came out negative ({fid:g}), which is impossible: {why}. Use more images.")
+    _say(rank, f"Warning: this FID is not comparable to published values: {why}.")
 
 
 @main.command(name="is")

@@ -14,7 +14,7 @@ import os
 
 import click
 
-from pid.cli import user_errors
+from pid.cli import EXIT_INTERRUPTED, OneLineCommand, user_errors
 from pid.methods.pid.recipes import DEFAULT_RECIPE, PRESETS, pid_config_from, resolve_options
 
 _TRAIN_FIELDS = ("outdir", "steps", "batch", "batch_gpu", "lr", "optimizer", "betas", "eps", "weight_decay", "warmup",
@@ -72,7 +72,7 @@ def build_run(opts: dict):
     return config, method, student, extra, evaluate
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=OneLineCommand, context_settings={"show_default": True})
 @click.option("--outdir", default="runs", help="Parent folder of the run directories")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Reference recipe (cifar10: RAdam 2e-4, batch 512, N=250, LPIPS, fp32; imagenet64: 1e-4, "
