@@ -118,20 +118,22 @@ def calc(images, ref_path, num, seed, with_is, splits, batch, detector, workers,
     if rank == 0:
         _say(rank, "Calculating FID...")
         fid = frechet_distance(stats['mu'], stats['sigma'], ref_mu, ref_sigma)
-        _check_fid(fid, int(stats["n"]), int(ref_mu.shape[0]), rank)
+        scale = float(stats["sigma"].trace() + ref_sigma.trace()) + 1.0   # round-off allowance for a zero FID
+        _check_fid(fid, int(stats["n"]), int(ref_mu.shape[0]), -1e-6 * scale, rank)
         click.echo(f"{fid:g}")
         if with_is:
             mean, std = inception_score(stats["probs"], splits)
             click.echo(f"IS {mean:g} +- {std:g}")
 
 
-def _check_fid(fid: float, n: int, dim: int, rank: int) -> None:
-    """Say when the FID is not meaningful: too few images for a full-rank covariance, or a negative value."""
-    if n > dim and fid >= 0:
+def _check_fid(fid: float, n: int, dim: int, lowest: float, rank: int) -> None:
+    """Say when the FID is not meaningful: too few images for a full-rank covariance, or a value below
+    `lowest` (a small negative round-off allowance)."""
+    if n > dim and fid >= lowest:
         return
     why = (f"{n} images give a singular {dim}x{dim} covariance (at least {dim + 1} are needed; EDM's protocol "
            f"uses 50000, --num)") if n <= dim else "the statistics are numerically degenerate"
-    if fid < 0:
+    if fid < lowest:
         raise DataError(f"FID came out negative ({fid:g}), which is impossible: {why}. Use more images.")
     _say(rank, f"Warning: this FID is not comparable to published values: {why}.")
 
