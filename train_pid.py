@@ -134,6 +134,10 @@ def main(preset, dry_run, **given):
     run_dir = train(config, method, student, extra_config=extra, evaluate=evaluate)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"run directory: {run_dir}")
+    if getattr(run_dir, "interrupted", False):   # a job script must tell a stopped run from a finished one
+        click.echo(f"interrupted at step {run_dir.step} of {config.steps}; the state is saved: continue with "
+                   f"--resume=auto (exit status {EXIT_INTERRUPTED})", err=True)
+        raise SystemExit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":
