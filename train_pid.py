@@ -32,6 +32,14 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
         raise ConfigError(f"{option} expects comma-separated numbers, got {text!r}") from None
 
 
+def _one_float(text: str, option: str, alternative: str = "") -> float:
+    values = _floats(text, option)
+    if len(values) != 1:
+        from pid.errors import ConfigError
+        raise ConfigError(f"{option} expects one number {alternative}, got {text!r}")
+    return values[0]
+
+
 def _default_desc(opts: dict) -> str:
     teacher = os.path.basename(str(opts["teacher"])).replace("builtin:", "").removesuffix(".pkl")
     rho = float(opts.get("rho", 7.0))
@@ -54,7 +62,7 @@ def build_run(opts: dict):
     if str(opts.get("default_ema")).lower() == "raw":
         train_kw["default_ema"] = None
     elif opts.get("default_ema") is not None:
-        train_kw["default_ema"] = float(opts["default_ema"])
+        train_kw["default_ema"] = _one_float(opts["default_ema"], "--default-ema", "or 'raw'")
     train_kw.setdefault("desc", _default_desc(opts))
     config = TrainConfig(**train_kw)
     distance = DistanceConfig(name=pcfg.loss, huber_c=pcfg.huber_c, lpips_resize=pcfg.lpips_resize,
@@ -104,7 +112,7 @@ def build_run(opts: dict):
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="[default: fp32]")
 @click.option("--ema", default=None, help=f"EMA decay rates, comma-separated  [default: {DEFAULT_RECIPE['ema']}]")
 @click.option("--default-ema", default=None, help="EMA used for samples/evaluation/export, or 'raw'")
-@click.option("--seed", type=int, default=None, help="Random seed (noise, grid indices, student init)  [default: 0]")
+@click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=None, help="Random seed (noise, grid indices, student init)  [default: 0]")
 @click.option("--snap", type=int, default=None, help="Steps between student/state snapshots")
 @click.option("--keep-states", type=int, default=None, help="Training states kept (0 = all)  [default: 2]")
 @click.option("--grid-every", type=int, default=None, help="Steps between sample grids (0 = never)")
