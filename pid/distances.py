@@ -128,7 +128,8 @@ def _read_vgg16(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"VGG16 weights file {path} is corrupt or not a torch file "
                               f"({type(exc).__name__}); {fix}.") from None
     problems = [] if isinstance(sd, dict) else [f"it holds a {type(sd).__name__}, not a state dict"]
-    for i, (cin, cout) in _VGG16_CONVS.items() if not problems else ():
+    cins = [3] + [cout for _, cout in _VGG16_CONVS[:-1]]   # each conv reads what the previous one wrote
+    for (i, cout), cin in zip(_VGG16_CONVS, cins) if not problems else ():
         for name, shape in ((f"features.{i}.weight", (cout, cin, 3, 3)), (f"features.{i}.bias", (cout,))):
             value = sd.get(name)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
@@ -137,12 +138,6 @@ def _read_vgg16(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"VGG16 weights file {path} is not torchvision's VGG16 ({len(problems)} problems, "
                               f"e.g. {problems[0]}); {fix}.")
     return sd
-
-
-# (in, out) channels of torchvision VGG16's conv layers, keyed by their index in `features`.
-_VGG16_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),
-                14: (256, 256), 17: (256, 512), 19: (512, 512), 21: (512, 512), 24: (512, 512), 26: (512, 512),
-                28: (512, 512)}
 
 
 class LPIPSDistance(nn.Module):

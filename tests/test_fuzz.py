@@ -252,7 +252,10 @@ def test_train_cli_numbers_and_paths(tmp_path, monkeypatch):
     cases += [["--outdir", str(p)] for p in (afile, afile / "x", tmp_path / "ok", "")]
     cases += [["--resume", str(p)] for p in (afile, tmp_path / "missing", tmp_path, "auto")]
     cases += [["--teacher", str(p)] for p in (afile, tmp_path / "missing.pkl", tmp_path, "builtin:nope")]
-    cases += [["--lpips-vgg", str(afile), "--loss=lpips"]]
+    random_bytes, wrong_keys = tmp_path / "random.pth", tmp_path / "wrong.pth"
+    random_bytes.write_bytes(random.Random(3).randbytes(4096))
+    torch.save({"features.0.weight": torch.zeros(1)}, wrong_keys)
+    cases += [["--lpips-vgg", str(p), "--loss=lpips"] for p in (afile, random_bytes, wrong_keys, tmp_path)]
     start, failures, codes = time.perf_counter(), [], []
     for args in cases:
         case_start = time.perf_counter()
