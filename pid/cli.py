@@ -56,10 +56,10 @@ class OneLineGroup(click.Group):
 
 
 def _os_error_line(exc: OSError) -> str:
-    what = f" {exc.filename}" if exc.filename else ""
     reason = exc.strerror or str(exc)
-    return (f"cannot access{what}: {reason}. Check that the path exists, is writable and that the disk has "
-            f"free space")
+    what = f"cannot access {exc.filename}" if exc.filename else "a file could not be read or written"
+    return (f"{what}: {reason}. Check that the path exists and is writable, and that the disk has free "
+            f"space")
 
 
 def user_errors(fn):
