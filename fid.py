@@ -14,7 +14,7 @@ from typing import Optional
 import click
 import torch
 
-from pid.cli import OneLineGroup, user_errors
+from pid.cli import OneLineGroup, check_output_file, user_errors
 from pid.errors import DataError
 from pid.metrics.features import compute_statistics
 from pid.metrics.images import ImageSet
@@ -81,6 +81,8 @@ def main():
 @user_errors
 def ref(data, dest, batch, detector, workers, device):
     """Compute reference statistics (mu, sigma) of a dataset and save them as .npz."""
+    # Fail before hours of feature extraction, not after (save_stats appends .npz like np.savez).
+    check_output_file(dest if dest.endswith(".npz") else dest + ".npz", "--dest", (".npz",))
     dev, rank = _setup(device)
     _say(rank, f"Loading detector {detector or INCEPTION_URL}...")
     det = load_detector(detector, dev)

@@ -205,3 +205,13 @@ def test_usage_errors_are_one_line():
         result = _run(args)
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
+
+
+def test_unwritable_dest_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "_stats", lambda *a, **k: pytest.fail("computed statistics before checking --dest"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for dest in (afile / "ref.npz", afile / "sub" / "ref"):   # .npz is appended to the second
+        result = _run(["ref", "--data", str(tmp_path), "--dest", str(dest), "--workers", "0"])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and "--dest" in lines[0], result.output
