@@ -14,7 +14,8 @@ from typing import Optional
 import click
 import torch
 
-from pid.cli import user_errors
+from pid.cli import OneLineGroup, check_output_file, user_errors
+from pid.errors import DataError
 from pid.metrics.features import compute_statistics
 from pid.metrics.images import ImageSet
 from pid.metrics.inception import INCEPTION_URL, load_detector
@@ -66,7 +67,7 @@ def _common(fn):
     return fn
 
 
-@click.group()
+@click.group(cls=OneLineGroup)
 def main():
     """Compute FID and Inception Score exactly as EDM does (same detector input, statistics and formula)."""
 
@@ -80,6 +81,8 @@ def main():
 @user_errors
 def ref(data, dest, batch, detector, workers, device):
     """Compute reference statistics (mu, sigma) of a dataset and save them as .npz."""
+    # Fail before hours of feature extraction, not after (save_stats appends .npz like np.savez).
+    check_output_file(dest if dest.endswith(".npz") else dest + ".npz", "--dest", (".npz",))
     dev, rank = _setup(device)
     _say(rank, f"Loading detector {detector or INCEPTION_URL}...")
     det = load_detector(detector, dev)
@@ -116,10 +119,25 @@ def calc(images, ref_path, num, seed, with_is, splits, batch, detector, workers,
     stats = _stats(images, num, seed, batch, workers, det, rank, with_probs=with_is, expect_dim=ref_mu.shape[0])
     if rank == 0:
         _say(rank, "Calculating FID...")
-        click.echo(f"{frechet_distance(stats['mu'], stats['sigma'], ref_mu, ref_sigma):g}")
+        fid = frechet_distance(stats['mu'], stats['sigma'], ref_mu, ref_sigma)
+        scale = float(stats["sigma"].trace() + ref_sigma.trace()) + 1.0   # round-off allowance for a zero FID
+        _check_fid(fid, int(stats["n"]), int(ref_mu.shape[0]), -1e-6 * scale, rank)
+        click.echo(f"{fid:g}")
         if with_is:
             mean, std = inception_score(stats["probs"], splits)
             click.echo(f"IS {mean:g} +- {std:g}")
+
+
+def _check_fid(fid: float, n: int, dim: int, lowest: float, rank: int) -> None:
+    """Say when the FID is not meaningful: too few images for a full-rank covariance, or a value below
+    `lowest` (a small negative round-off allowance)."""
+    if n > dim and fid >= lowest:
+        return
+    why = (f"{n} images give a singular {dim}x{dim} covariance (at least {dim + 1} are needed; EDM's protocol "
+           f"uses 50000, --num)") if n <= dim else "the statistics are numerically degenerate"
+    if fid < lowest:
+        raise DataError(f"FID came out negative ({fid:g}), which is impossible: {why}. Use more images.")
+    _say(rank, f"Warning: this FID is not comparable to published values: {why}.")
 
 
 @main.command(name="is")

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 import tqdm
 
-from pid.cli import user_errors
+from pid.cli import OneLineCommand, check_output_dir, check_output_file, user_errors
 from pid.errors import CheckpointError, ConfigError
 from pid.images import save_grid, save_npz, save_pngs, to_uint8
 from pid.samplers import ablation_sampler, ancestral_sampler, edm_sampler
 from pid.seeds import StackedRandomGenerator, parse_seeds, split_seeds
 from pid.teachers import BUILTIN_PREFIX, load_teacher
+
+GRID_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # PIL picks the image format from the extension
 
 
 def _student_class(spec: str) -> Optional[str]:
@@ -182,7 +184,7 @@ def _collect_sampler_kwargs(steps, sigma_min, sigma_max, rho, S_churn, S_min, S_
     return {k: v for k, v in kwargs.items() if v is not None}  # unset options keep the sampler's default
 
 
-@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.command(cls=OneLineCommand, context_settings=dict(help_option_names=["-h", "--help"]))
 @click.option("--ckpt", required=True,
               help="EDM network pickle, http(s) URL, student checkpoint (.pt) or builtin:<name>")
 @click.option("--outdir", type=str, default=None, help="Where to write {seed:06d}.png files")
@@ -220,6 +222,7 @@ def main(ckpt, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, 
     seed_list = parse_seeds(seeds)
     if not (outdir or grid or npz):
         raise ConfigError("Nothing to write: give --outdir, --grid and/or --npz.")
+    _check_outputs(outdir, grid, npz)
     sampler_kwargs = _collect_sampler_kwargs(**sampler_opts)
     _check_sampler(sampler, sampler_kwargs)
     rank, world, dev = _init_distributed(device)
@@ -241,6 +244,16 @@ def main(ckpt, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, 
     _barrier(world)
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def _check_outputs(outdir: Optional[str], grid: Optional[str], npz: Optional[str]) -> None:
+    """Every output must be writable before the first image is sampled, not after the last one."""
+    if outdir:
+        check_output_dir(outdir, "--outdir")
+    if grid:
+        check_output_file(grid, "--grid", GRID_EXTENSIONS)
+    if npz:
+        check_output_file(npz, "--npz", (".npz",))  # np.savez would silently append .npz to any other name
 
 
 def _write_collections(results: dict, rank: int, grid: Optional[str], npz: Optional[str]) -> None:

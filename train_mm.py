@@ -14,7 +14,7 @@ import os
 
 import click
 
-from pid.cli import echo_options, limit_threads, train_config_from, train_options, user_errors
+from pid.cli import OneLineCommand, echo_options, finish_run, limit_threads, train_config_from, train_options, user_errors
 from pid.methods.mm.objective import WEIGHTS
 from pid.methods.mm.recipes import ALGORITHMS, DEFAULT_RECIPE, PRESETS, mm_config_from, resolve_options
 
@@ -39,7 +39,7 @@ def build_run(opts: dict):
     return config, method, nets, extra, evaluate
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=OneLineCommand, context_settings={"show_default": True})
 @click.option("--outdir", default="runs", help="Parent folder of the run directories")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Recipe (imagenet64: the paper's, k=8, batch 2048, lr 1e-5, bf16; cifar10: k=2, batch 512, "
@@ -70,9 +70,7 @@ def main(preset, dry_run, **given):
     limit_threads()
     config, method, nets, extra, evaluate = build_run(opts)
     from pid.training import train
-    run_dir = train(config, method, nets, extra_config=extra, evaluate=evaluate)
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"run directory: {run_dir}")
+    finish_run(train(config, method, nets, extra_config=extra, evaluate=evaluate), config.steps)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 
 import click
 
-from pid.cli import echo_options, limit_threads, train_config_from, train_options, user_errors
+from pid.cli import OneLineCommand, echo_options, finish_run, limit_threads, train_config_from, train_options, user_errors
 from pid.methods.pid.recipes import DEFAULT_RECIPE, PRESETS, pid_config_from, resolve_options
 
 
@@ -48,7 +48,7 @@ def build_run(opts: dict):
     return config, method, student, extra, evaluate
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=OneLineCommand, context_settings={"show_default": True})
 @click.option("--outdir", default="runs", help="Parent folder of the run directories")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Reference recipe (cifar10: RAdam 2e-4, batch 512, N=250, LPIPS, fp32; imagenet64: 1e-4, "
@@ -77,9 +77,7 @@ def main(preset, dry_run, **given):
     limit_threads()
     config, method, student, extra, evaluate = build_run(opts)
     from pid.training import train
-    run_dir = train(config, method, student, extra_config=extra, evaluate=evaluate)
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"run directory: {run_dir}")
+    finish_run(train(config, method, student, extra_config=extra, evaluate=evaluate), config.steps)
 
 
 if __name__ == "__main__":

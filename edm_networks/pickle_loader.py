@@ -16,7 +16,7 @@ import io
 import os
 import pickle
 import struct
-from typing import Any, BinaryIO, Iterator, Union
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
 import torch
 
@@ -304,13 +304,13 @@ def load_network_pickle(path_or_file: Union[str, os.PathLike, BinaryIO]) -> dict
     if "ema" not in raw:
         keys = ", ".join(repr(k) for k in dict.keys(raw)) or "none"
         raise NetworkPickleError(f"{source}: has no 'ema' network (top-level keys: {keys}); expected {_EXPECTED}")
-    out = {}
+    out, plain = {}, _Plainer()   # one walker: objects shared between keys are converted once
     try:
         for key, value in dict.items(raw):
             if isinstance(value, _Persistent) and value.class_name in PRECOND_CLASSES:
                 out[key] = _build_network(value, PRECOND_CLASSES[value.class_name], source, key)
             else:
-                out[key] = _plain(value)
+                out[key] = plain(value)
     except _FormatError as exc:
         raise NetworkPickleError(f"{source}: is corrupt: {exc}; expected {_EXPECTED}") from None
     except RecursionError:
@@ -381,6 +381,9 @@ def _unpickle(f: BinaryIO, source: str, known: frozenset, head: bytes) -> Any:
                                      "the file again.") from None
         raise NetworkPickleError(f"{source}: is not a pickle file or is corrupt ({exc}); it starts with "
                                  f"{head[:12]!r}; expected {_EXPECTED}") from None
+    except MemoryError:  # a length field claims more bytes than memory holds; nothing was read yet
+        raise NetworkPickleError(f"{source}: is corrupt: it claims an object larger than the available memory; "
+                                 f"expected {_EXPECTED}") from None
     except Exception as exc:  # anything else the pickle machine raises on a malformed stream
         raise NetworkPickleError(f"{source}: is corrupt ({type(exc).__name__}: {exc}); expected {_EXPECTED}") \
             from None
@@ -404,27 +407,99 @@ def _as_dict(value: Any, what: str) -> dict:
     return value
 
 
+# Bounds on what the walk over unpickled data accepts. Pickles share objects by reference (the memo), so a
+# 263 KB file can describe nested lists whose naive expansion has 2^80 items ("billion laughs"): each shared
+# object is converted once, and a file whose expansion would still be huge for any consumer is refused.
+_MAX_DEPTH = 64                 # nesting levels of plain data or modules; EDM's own files use fewer than 20
+_MAX_EXPANDED_ITEMS = 10 ** 7   # items a full (unshared) copy of one value would have; EDM's have < 10^4
+
+
+class _Plainer:
+    """Turn unpickled data into plain Python: records become InertRecords, tensors are detached views.
+
+    Each distinct object is converted once (memoised by identity) and shared objects stay shared in the
+    result, so the work is linear in the number of pickle opcodes. Alongside each result the walker keeps
+    its expanded size (items counted as if every reference were a copy) to refuse data that a consumer
+    could not copy or serialise.
+    """
+
+    def __init__(self):
+        self._done: dict = {}        # id(object) -> (plain value, expanded size); objects stay alive in the tree
+        self._open: set = set()      # ids on the current path, to report cycles instead of recursing forever
+
+    def __call__(self, value: Any) -> Any:
+        return self._walk(value, 0)[0]
+
+    def _walk(self, value: Any, depth: int) -> tuple:
+        if value is None or type(value) in (bool, int, float, str, bytes):
+            return value, 1
+        if type(value) is _TensorRef:
+            return value.tensor.detach(), 1
+        key = id(value)
+        if key in self._done:
+            return self._done[key]
+        if key in self._open:
+            raise _FormatError("data that contains itself (a reference cycle)")
+        if depth >= _MAX_DEPTH:
+            raise _FormatError(f"data nested more than {_MAX_DEPTH} levels deep")
+        self._open.add(key)
+        try:
+            result = self._convert(value, depth + 1)
+        finally:
+            self._open.discard(key)
+        if result[1] > _MAX_EXPANDED_ITEMS:
+            raise _FormatError(f"shared references that expand to more than {_MAX_EXPANDED_ITEMS:,} items")
+        self._done[key] = result
+        return result
+
+    def _convert(self, value: Any, depth: int) -> tuple:
+        if isinstance(value, (_Persistent, _ModuleDictStandIn)):
+            raw = _state_of(value)
+            state, n = self._dict({k: v for k, v in dict.items(raw) if k not in ("_init_args", "_init_kwargs")},
+                                  depth)
+            kwargs, nk = self._walk(raw.get("_init_kwargs", {}), depth)
+            args, na = self._walk(raw.get("_init_args", ()), depth)
+            return InertRecord(value.class_name, kwargs if type(kwargs) is dict else {}, state,
+                               tuple(args) if type(args) in (tuple, list) else ()), n + nk + na
+        if type(value) in (dict, collections.OrderedDict):
+            return self._dict(value, depth)
+        if type(value) in (list, tuple):
+            parts = [self._walk(v, depth) for v in value]
+            return type(value)(p[0] for p in parts), 1 + sum(p[1] for p in parts)
+        if type(value) is set:
+            if not all(v is None or type(v) in (bool, int, float, str, bytes) for v in value):
+                raise _FormatError("a set holds something other than numbers or strings")
+            return set(value), 1 + len(value)
+        raise _FormatError(f"unexpected object of type {type(value).__name__}")
+
+    def _dict(self, value: dict, depth: int) -> tuple:
+        out, size = {}, 1
+        for k, v in dict.items(value):
+            if not (k is None or type(k) in (bool, int, float, str, bytes)):
+                raise _FormatError(f"a dict key is a {type(k).__name__}, not a number or string")
+            out[k], n = self._walk(v, depth)
+            size += 1 + n
+        return out, size
+
+
 def _plain(value: Any) -> Any:
-    """Turn unpickled data into plain Python: records become InertRecords, tensors are detached copies."""
-    if isinstance(value, (_Persistent, _ModuleDictStandIn)):
-        raw = _state_of(value)
-        state = {k: _plain(v) for k, v in dict.items(raw) if k not in ("_init_args", "_init_kwargs")}
-        kwargs, args = _plain(raw.get("_init_kwargs", {})), _plain(raw.get("_init_args", ()))
-        return InertRecord(value.class_name, kwargs if type(kwargs) is dict else {}, state,
-                           tuple(args) if type(args) in (tuple, list) else ())
-    if type(value) in (dict, collections.OrderedDict):
-        return {k: _plain(v) for k, v in dict.items(value)}
-    if type(value) in (list, tuple, set):
-        return type(value)(_plain(v) for v in value)
-    if type(value) is _TensorRef:
-        return value.tensor.detach()
-    if value is None or type(value) in (bool, int, float, str, bytes):
-        return value
-    raise _FormatError(f"unexpected object of type {type(value).__name__}")
+    """Plain Python for one unpickled value (see `_Plainer`); shared objects within it are converted once."""
+    return _Plainer()(value)
 
 
-def _state_dict_of(record: Any, prefix: str, out: dict) -> dict:
-    """EDM's state_dict from a record tree: parameters, persistent buffers, then submodules (§5.5)."""
+def _state_dict_of(record: Any, prefix: str, out: dict, seen: Optional[set] = None) -> dict:
+    """EDM's state_dict from a record tree: parameters, persistent buffers, then submodules (§5.5).
+
+    EDM networks never share a submodule, so a record reached twice (a cycle, or a diamond that would make
+    the walk exponential) marks the file as corrupt; depth is bounded by ``_MAX_DEPTH``.
+    """
+    seen = set() if seen is None else seen
+    if id(record) in seen:
+        raise _FormatError(f"submodule {prefix.rstrip('.') or 'network'} appears more than once in the module "
+                           "tree (shared or cyclic)")
+    if prefix.count(".") >= _MAX_DEPTH:
+        raise _FormatError(f"the module tree is nested more than {_MAX_DEPTH} levels deep")
+    seen.add(id(record))
     state = _state_of(record)
     skip = state.get("_non_persistent_buffers_set") or set()
     if type(skip) not in (set, frozenset, list, tuple):
@@ -435,13 +510,13 @@ def _state_dict_of(record: Any, prefix: str, out: dict) -> dict:
                 continue
             if type(tensor) is not _TensorRef:
                 raise _FormatError(f"{prefix}{name} is a {type(tensor).__name__}, not a tensor")
-            out[prefix + name] = tensor.tensor.detach()
+            out[f"{prefix}{name}"] = tensor.tensor.detach()
     for name, child in dict.items(_as_dict(state.get("_modules"), f"{prefix or 'network '}_modules")):
         if child is None:
             continue
         if not isinstance(child, (_Persistent, _ModuleDictStandIn)) or child.class_name in INERT_CLASSES:
             raise _FormatError(f"submodule {prefix}{name} is not a network layer")
-        _state_dict_of(child, f"{prefix}{name}.", out)
+        _state_dict_of(child, f"{prefix}{name}.", out, seen)
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pid.errors import ConfigError, DownloadError
+from pid.errors import CheckpointError, ConfigError, DownloadError
 
 __all__ = ["DistanceConfig", "DISTANCES", "make_distance", "LPIPSDistance", "load_vgg16_features", "write_random_vgg16",
            "l2_distance", "l1_distance", "pseudo_huber_distance"]
@@ -99,7 +99,7 @@ def load_vgg16_features(path: str | None = None, download: bool = True) -> dict[
     """
     target = path or _vgg_cache_file()
     if os.path.isfile(target):
-        return torch.load(target, map_location="cpu", weights_only=True)
+        return _read_vgg16(target)
     if path is not None:
         raise DownloadError(f"VGG16 weights file not found: {path}. Pass the path of torchvision's "
                             f"vgg16-397923af.pth (--lpips-vgg), or choose another distance "
@@ -116,6 +116,28 @@ def load_vgg16_features(path: str | None = None, download: bool = True) -> dict[
     raise DownloadError(f"LPIPS needs torchvision's ImageNet VGG16 weights, which are not in the cache {target} and "
                         f"could not be downloaded{reason}. Download {url} to that path (or pass its location with "
                         f"--lpips-vgg), or choose a distance that needs no download (--loss=l2|l1|pseudo-huber).")
+
+
+def _read_vgg16(path: str) -> dict[str, torch.Tensor]:
+    """torch.load a VGG16 state dict (weights_only) and check its conv layers; CheckpointError otherwise."""
+    fix = ("give torchvision's vgg16-397923af.pth (--lpips-vgg), or choose another distance "
+           "(--loss=l2|l1|pseudo-huber)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # random bytes, a truncated zip, a foreign pickle: all "not the weights file"
+        raise CheckpointError(f"VGG16 weights file {path} is corrupt or not a torch file "
+                              f"({type(exc).__name__}); {fix}.") from None
+    problems = [] if isinstance(sd, dict) else [f"it holds a {type(sd).__name__}, not a state dict"]
+    cins = [3] + [cout for _, cout in _VGG16_CONVS[:-1]]   # each conv reads what the previous one wrote
+    for (i, cout), cin in zip(_VGG16_CONVS, cins) if not problems else ():
+        for name, shape in ((f"features.{i}.weight", (cout, cin, 3, 3)), (f"features.{i}.bias", (cout,))):
+            value = sd.get(name)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                problems.append(f"{name} is missing or not of shape {list(shape)}")
+    if problems:
+        raise CheckpointError(f"VGG16 weights file {path} is not torchvision's VGG16 ({len(problems)} problems, "
+                              f"e.g. {problems[0]}); {fix}.")
+    return sd
 
 
 class LPIPSDistance(nn.Module):

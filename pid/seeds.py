@@ -14,6 +14,9 @@ from pid.errors import ConfigError
 __all__ = ["parse_seeds", "StackedRandomGenerator", "split_seeds"]
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
+# A list of 10^7 Python ints is ~0.4 GB; EDM's largest protocol (FID) uses 5·10^4 seeds per run.
+MAX_SEEDS = 10_000_000
+MAX_SEED = 1 << 63   # seeds travel as int64 tensors when split across batches and ranks
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -31,13 +34,28 @@ def parse_seeds(text: str) -> List[int]:
             lo, hi = int(match.group(1)), int(match.group(2))
             if hi < lo:
                 raise ConfigError(f"Bad seed range '{item}' in '{text}': the end must not be below the start.")
+            _check_value(hi, text)
+            _check_count(len(seeds) + hi - lo + 1, text)
             seeds.extend(range(lo, hi + 1))
         elif item.isdigit():
+            _check_value(int(item), text)
+            _check_count(len(seeds) + 1, text)
             seeds.append(int(item))
         else:
             raise ConfigError(f"Bad seed list '{text}' (item '{item}'): use non-negative integers and "
                               f"inclusive ranges separated by commas, e.g. '0-63' or '1,2,5-9'.")
     return seeds
+
+
+def _check_value(seed: int, text: str) -> None:
+    if seed >= MAX_SEED:
+        raise ConfigError(f"Seed {seed} in '{text:.60}' is too large: seeds are 0 to {MAX_SEED - 1} (2^63 - 1).")
+
+
+def _check_count(count: int, text: str) -> None:
+    if count > MAX_SEEDS:
+        raise ConfigError(f"Seed list '{text:.60}' has {count:,} seeds, more than the {MAX_SEEDS:,} one run "
+                          f"handles; split the work into several runs with smaller ranges.")
 
 
 def split_seeds(seeds: Sequence[int], batch: int, rank: int = 0, world: int = 1) -> List[Tuple[int, List[int]]]:

@@ -187,3 +187,31 @@ def test_torchrun_two_processes_match_one(small, tmp_path):
     a, b = np.load(one), np.load(two)
     np.testing.assert_array_equal(a["mu"], b["mu"])
     np.testing.assert_array_equal(a["sigma"], b["sigma"])
+
+
+def test_degenerate_fid_is_refused_or_flagged(capsys):
+    """Too few images for a full-rank covariance: a negative FID is an error, a positive one a warning."""
+    from pid.errors import DataError
+    with pytest.raises(DataError, match="negative .*20 images give a singular 2048x2048"):
+        fid._check_fid(-31.7, 20, 2048, -1e-3, 0)
+    fid._check_fid(12.5, 20, 2048, -1e-3, 0)
+    assert "not comparable" in capsys.readouterr().err
+    fid._check_fid(-1e-9, 5000, 2048, -1e-3, 0)   # round-off around zero with enough images is fine
+    assert capsys.readouterr().err == ""
+
+
+def test_usage_errors_are_one_line():
+    for args in (["calc"], ["nosuch"], ["calc", "--images=x", "--ref=y", "--num=1"]):
+        result = _run(args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
+
+
+def test_unwritable_dest_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "_stats", lambda *a, **k: pytest.fail("computed statistics before checking --dest"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for dest in (afile / "ref.npz", afile / "sub" / "ref"):   # .npz is appended to the second
+        result = _run(["ref", "--data", str(tmp_path), "--dest", str(dest), "--workers", "0"])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and "--dest" in lines[0], result.output

@@ -387,3 +387,36 @@ def test_storage_payload_claiming_huge_size_is_refused_before_allocating():
     payload = b"".join(parts) + buf.getvalue() + pickle.dumps(["0"], protocol=2) + numel.to_bytes(8, "little")
     with pytest.raises(_FormatError, match=f"{numel} of {numel} elements"):
         _load_storage_payload(payload + bytes(64))
+
+
+def _laughs(levels: int) -> list:
+    nest = ["lol"]
+    for _ in range(levels):
+        nest = [nest, nest]   # each level references the one below twice: 2^levels items when expanded
+    return nest
+
+
+@pytest.mark.parametrize("levels, message", [(18, None), (30, "expand to more than"), (80, "levels deep")])
+def test_shared_nesting_is_linear_time(small_net, tmp_path, levels, message):
+    """'Billion laughs': shared lists are converted once; what would expand absurdly is refused, fast."""
+    import time
+    snap = snapshot(small_net)
+    snap["dataset_kwargs"]["nest"] = _laughs(levels)
+    path = tmp_path / "laughs.pkl"
+    path.write_bytes(dumps(snap))
+    start = time.perf_counter()
+    if message is None:
+        nest = load_network_pickle(path)["dataset_kwargs"]["nest"]
+        assert nest[0] is nest[1]   # sharing is kept, not expanded
+    else:
+        assert message in _load_error(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_shared_submodule_is_refused(small_net, tmp_path):
+    snap = snapshot(small_net)
+    modules = snap["ema"].args[0]["state"]["_modules"]
+    modules["twin"] = modules["model"]
+    path = tmp_path / "snap.pkl"
+    path.write_bytes(dumps(snap))
+    assert "more than once" in _load_error(path)

@@ -160,7 +160,26 @@ def test_bad_input_gives_one_line_errors(tmp_path, monkeypatch):
     uncond.write_bytes(snapshot_bytes(edm_networks.EDMPrecond(8, 3, model_channels=8, channel_mult=[1],
                                                               num_blocks=1, attn_resolutions=[])))
     _assert_user_error(run("--ckpt", uncond, "--class=0", *out), "unconditional")
-    assert run("--ckpt=builtin:glyphs16", "--batch=0", *out).exit_code == 2  # click's own range check
+    _assert_user_error(run("--ckpt=builtin:glyphs16", "--batch=0", *out), "--batch", "x>=1")  # click's range check
+    _assert_user_error(run("--ckpt=builtin:glyphs16", "--class=-1", *out), "--class")
+    _assert_user_error(run("--ckpt=builtin:glyphs16", "--seeds=0-99999999999", *out), "0-99999999999", "split")
+
+
+def test_outputs_are_checked_before_sampling(tmp_path, monkeypatch):
+    """A --grid/--npz/--outdir that cannot be written fails at once, before a single image is sampled."""
+    import sample
+    monkeypatch.setattr(sample, "generate_batch", lambda *a, **k: pytest.fail("sampled before checking outputs"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "adir").mkdir()
+    ckpt = "--ckpt=builtin:glyphs16"
+    _assert_user_error(run(ckpt, "--outdir", afile), str(afile), "not a directory")
+    _assert_user_error(run(ckpt, "--outdir", afile / "sub"), str(afile / "sub"), "writable")
+    _assert_user_error(run(ckpt, "--grid", tmp_path / "adir"), "is a directory")
+    _assert_user_error(run(ckpt, "--grid", tmp_path / "grid"), "must end in .png")
+    _assert_user_error(run(ckpt, "--grid", afile / "g.png"), "afile")
+    _assert_user_error(run(ckpt, "--npz", tmp_path / "x.txt"), "must end in .npz")
+    _assert_user_error(run(ckpt, "--npz", afile / "x.npz"), "afile")
 
 
 def test_process_exit_code_and_no_traceback(tmp_path):

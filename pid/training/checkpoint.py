@@ -8,6 +8,7 @@ weights_only=True)` reads it without running any code from the file.
 import glob
 import os
 import re
+import shutil
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -29,23 +30,45 @@ def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync it, then rename over `path`.
 
     A crash at any moment leaves either the old file or the complete new one at `path`, never a partial
-    file; the temporary file is removed when the write fails with an exception.
+    file; the temporary file is removed when the write fails. A failed write (disk full, file-size limit,
+    read-only folder) raises CheckpointError naming the file, and the previous file at `path` is untouched.
     """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a short write as a RuntimeError
+        _remove_quietly(tmp)
+        raise CheckpointError(_write_failure(path, exc)) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
     _fsync_dir(folder)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _write_failure(path: str, exc: BaseException) -> str:
+    reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc)
+              else type(exc).__name__)
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(path)).free / 2 ** 20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return (f"could not write {path} ({reason}; {free}). The disk may be full, over a quota or file-size "
+            f"limit, or the folder read-only; earlier files are intact. Free space, then continue with "
+            f"--resume=auto")
 
 
 def _fsync_dir(folder: str) -> None:

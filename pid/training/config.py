@@ -87,7 +87,8 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, f"unknown --precision={self.precision!r}; choose one of {PRECISIONS}")
         _check(self.lr_schedule in LR_SCHEDULES,
                f"unknown --lr-schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
-        _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _check(0 < self.lr < float("inf"), f"--lr must be a finite number > 0, got {self.lr}")
+        _check(0 <= self.seed < 2 ** 63, f"--seed must be in [0, 2^63), got {self.seed}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"--betas must be two numbers in [0, 1), got {self.betas}")
         _check(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")

@@ -10,11 +10,31 @@ import torch
 from pid.errors import PidError
 from pid.training import distributed as D
 from pid.training.config import TrainConfig
+from pid.training.lock import lock_run_dir
 from pid.training.loop import Trainer
 from pid.training.method import Method
 from pid.training.rundir import CONFIG_FILE, new_run_dir, resolve_resume
 
-__all__ = ["train", "make_run_config"]
+__all__ = ["train", "make_run_config", "TrainResult"]
+
+
+class TrainResult(str):
+    """What `train()` returns: the run directory (a str), plus whether a signal stopped the run early.
+
+    `interrupted` is True when SIGINT/SIGTERM stopped training before `config.steps` (a state was saved);
+    `step` is the number of optimizer steps done.
+    """
+
+    interrupted: bool = False
+    step: int = 0
+
+    def __new__(cls, run_dir: str, interrupted: bool = False, step: int = 0) -> "TrainResult":
+        out = super().__new__(cls, run_dir)
+        out.interrupted, out.step = interrupted, step
+        return out
+
+    def __reduce__(self) -> tuple:   # copies and pickles (e.g. of a config holding it) are plain paths
+        return str, (str(self),)
 
 
 def make_run_config(config: TrainConfig, method: Method, extra_config: Optional[dict]) -> dict:
@@ -25,13 +45,15 @@ def make_run_config(config: TrainConfig, method: Method, extra_config: Optional[
 
 
 def _decide_run(config: TrainConfig, run_config: dict, dist: D.DistInfo):
-    """Main process picks the run directory (new or resumed) and tells the others; errors reach every rank."""
-    decision, state, failure = None, None, None
+    """Main process picks the run directory (new or resumed), locks it and tells the others; errors reach every
+    rank. Returns (run_dir, state path or None, state or None, the main process's lock or None)."""
+    decision, state, failure, lock = None, None, None, None
     if dist.is_main:
         try:
             run_dir, path, state = resolve_resume(config.resume, config.outdir, run_config)
             if run_dir is None:
                 run_dir = new_run_dir(config.outdir, config.desc)
+            lock = lock_run_dir(run_dir)   # one owner at a time: a second trainer here stops with RunDirBusy
             decision = ("ok", os.path.abspath(run_dir), path)
         except PidError as exc:
             decision = ("error", type(exc), str(exc))
@@ -48,7 +70,7 @@ def _decide_run(config: TrainConfig, run_config: dict, dist: D.DistInfo):
     if path is not None and state is None:   # other ranks read the state the main process chose
         from pid.training.checkpoint import read_training_state
         state = read_training_state(path)
-    return run_dir, path, state
+    return run_dir, path, state, lock
 
 
 def _write_config(run_dir: str, run_config: dict, dist: D.DistInfo) -> None:
@@ -68,13 +90,16 @@ def train(config: TrainConfig, method: Method, student: Union[torch.nn.Module, D
     Runs in one process, or in each process started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set; NCCL on
     CUDA, gloo on CPU). `evaluate(default_ema_student) -> {'metrics': {...}, 'primary': name, 'mode':
     'min'|'max'}` runs on the main process every `eval_every` steps. SIGINT/SIGTERM save a training state
-    and return normally. Raises ConfigError for inconsistent options or a resume of another configuration.
+    and return normally with `.interrupted` set (see TrainResult). The main process holds the run
+    directory's lock (pid.training.lock) while it trains. Raises ConfigError for inconsistent options, a
+    resume of another configuration, or a run directory another live trainer owns (RunDirBusy).
     """
     dist = D.init_distributed(config.device)
+    lock = None
     try:
         config.validate(dist.world_size)
         run_config = make_run_config(config, method, extra_config)
-        run_dir, path, state = _decide_run(config, run_config, dist)
+        run_dir, path, state, lock = _decide_run(config, run_config, dist)
         trainer = Trainer(config, method, student, dist, run_dir, run_config, evaluate)
         if state is not None:
             trainer.load_training_state(state)
@@ -82,6 +107,9 @@ def train(config: TrainConfig, method: Method, student: Union[torch.nn.Module, D
         elif dist.is_main:
             _write_config(run_dir, run_config, dist)
         D.barrier()
-        return trainer.run(fresh=path is None)
+        trainer.run(fresh=path is None)
+        return TrainResult(run_dir, trainer.step < config.steps, trainer.step)
     finally:
+        if lock is not None:
+            lock.release()
         dist.shutdown()

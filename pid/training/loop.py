@@ -34,6 +34,7 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
+from pid.errors import CheckpointError
 from pid.training import checkpoint as ckpt
 from pid.training import distributed as D
 from pid.training.config import TrainConfig
@@ -243,8 +244,12 @@ class Trainer:
         """student-<step>.pt and training-state-<step>.pt, then prune old states (collective call)."""
         state = self.training_state()
         if self.dist.is_main:
-            self.export_student(ckpt.student_path(self.run_dir, self.step))
-            ckpt.write_training_state(ckpt.state_path(self.run_dir, self.step), state)
+            try:
+                self.export_student(ckpt.student_path(self.run_dir, self.step))
+                ckpt.write_training_state(ckpt.state_path(self.run_dir, self.step), state)
+            except CheckpointError as exc:  # disk full: earlier states are intact; log it, then stop the run
+                self.log.error(f"snapshot at step {self.step} failed, stopping: {exc}")
+                raise
             self._prune_states()
             self.log.info(f"saved student-{self.step:07d}.pt and training-state-{self.step:07d}.pt")
         D.barrier()

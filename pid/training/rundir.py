@@ -34,12 +34,22 @@ def list_runs(outdir: str) -> List[Tuple[int, str]]:
 
 
 def new_run_dir(outdir: str, desc: str) -> str:
-    """Create and return `outdir/NNNNN-desc` with the next free id."""
+    """Create and return `outdir/NNNNN-desc` with the next free id.
+
+    Two trainers starting at once may pick the same id; the one whose mkdir loses takes the next id.
+    """
+    os.makedirs(outdir, exist_ok=True)
     runs = list_runs(outdir)
     run_id = runs[-1][0] + 1 if runs else 0
-    path = os.path.join(outdir, f"{run_id:05d}-{desc}")
-    os.makedirs(path, exist_ok=False)
-    return path
+    for attempt in range(100):
+        path = os.path.join(outdir, f"{run_id + attempt:05d}-{desc}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"cannot create a new run directory in {outdir}: ids {run_id:05d} to {run_id + 99:05d} "
+                      f"are taken by concurrent starts; try again")
 
 
 def _comparable(run_config: dict) -> dict:

@@ -11,7 +11,9 @@ from typing import Dict, Optional
 
 from tqdm import tqdm
 
-__all__ = ["RunLogger"]
+__all__ = ["RunLogger", "trim_logs", "STEP_LOGS"]
+
+STEP_LOGS = ("stats.jsonl", "metrics.jsonl")   # files of one JSON record per step, trimmed on resume
 
 
 class RunLogger:
@@ -26,6 +28,7 @@ class RunLogger:
         self._count = 0
         self._img_per_s: Optional[float] = None
         if self.enabled:
+            trim_logs(run_dir, start_step)
             self._log = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
             self._stats = open(os.path.join(run_dir, "stats.jsonl"), "a", buffering=1)
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -36,6 +39,13 @@ class RunLogger:
             line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
             self._log.write(line + "\n")
             tqdm.write(line)
+
+    def error(self, message: str) -> None:
+        """Like `info`, for a failure that is about to stop the run: never raises (the disk may be full)."""
+        try:
+            self.info(f"ERROR: {message}")
+        except OSError:
+            pass
 
     def step(self, step: int, record: dict, images: int, seconds: float) -> None:
         """Account one finished optimizer step (`step` = steps done); flush a stats line every log_every.
@@ -75,8 +85,39 @@ class RunLogger:
         """Close the files and the bar."""
         if self.enabled:
             self.bar.close()
-            self._log.close()
-            self._stats.close()
+            for f in (self._log, self._stats):
+                try:
+                    f.close()
+                except OSError:   # a full disk fails the final flush; the error that stopped the run matters
+                    pass
+
+
+def trim_logs(run_dir: str, step: int) -> None:
+    """Drop the records after `step` from stats.jsonl and metrics.jsonl before a run continues from `step`.
+
+    A run killed after its last snapshot logged steps that the resumed run repeats; without this the files
+    would hold those steps twice. Each file is rewritten atomically; unreadable lines are kept as they are.
+    """
+    for name in STEP_LOGS:
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _step_of(line) is None or _step_of(line) <= step]
+        if len(kept) < len(lines) or (kept and not kept[-1].endswith("\n")):
+            kept = [line if line.endswith("\n") else line + "\n" for line in kept]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _finite_or_none(value):

@@ -15,10 +15,18 @@ from pid.teachers import default_sigma_range
 __all__ = ["karras_grid", "pair_indices", "PIDObjective"]
 
 
+MAX_GRID_POINTS = 10 ** 6   # the reference uses 250; a bound keeps absurd values from exhausting memory
+
+
 def karras_grid(num: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """N-point Karras σ grid, float64 [num], index 0 = sigma_max, index num−1 = sigma_min (PID §(a))."""
-    if num < 2:
-        raise ConfigError(f"the discretization needs at least 2 grid points, got {num}")
+    if not 2 <= num <= MAX_GRID_POINTS:
+        raise ConfigError(f"the discretization needs 2 to {MAX_GRID_POINTS:,} grid points (--discretization), "
+                          f"got {num}")
+    if not 0 < rho < float("inf"):
+        raise ConfigError(f"--rho must be a finite number > 0, got {rho}")
+    if not 0 < sigma_min < sigma_max < float("inf"):
+        raise ConfigError(f"need 0 < --sigma-min < --sigma-max < inf, got {sigma_min} and {sigma_max}")
     n = torch.arange(num, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + n / (num - 1) * (lo - hi)) ** rho
