@@ -14,7 +14,7 @@ import os
 
 import click
 
-from pid.cli import OneLineCommand, echo_options, finish_run, limit_threads, train_config_from, train_options, user_errors
+from pid.cli import OneLineCommand, run_training, train_config_from, train_options, user_errors
 from pid.methods.mm.objective import WEIGHTS
 from pid.methods.mm.recipes import ALGORITHMS, DEFAULT_RECIPE, PRESETS, mm_config_from, resolve_options
 
@@ -63,14 +63,7 @@ def build_run(opts: dict):
 @user_errors
 def main(preset, dry_run, **given):
     """Distill a teacher into a k-step moment-matching student."""
-    opts = resolve_options(preset, given)
-    if dry_run:
-        echo_options(opts)
-        return
-    limit_threads()
-    config, method, nets, extra, evaluate = build_run(opts)
-    from pid.training import train
-    finish_run(train(config, method, nets, extra_config=extra, evaluate=evaluate), config.steps)
+    run_training(resolve_options(preset, given), dry_run, build_run)
 
 
 if __name__ == "__main__":

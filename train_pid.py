@@ -14,7 +14,7 @@ import os
 
 import click
 
-from pid.cli import OneLineCommand, echo_options, finish_run, limit_threads, train_config_from, train_options, user_errors
+from pid.cli import OneLineCommand, run_training, train_config_from, train_options, user_errors
 from pid.methods.pid.recipes import DEFAULT_RECIPE, PRESETS, pid_config_from, resolve_options
 
 
@@ -70,14 +70,7 @@ def build_run(opts: dict):
 @user_errors
 def main(preset, dry_run, **given):
     """Distill a teacher into a one-step PID student."""
-    opts = resolve_options(preset, given)
-    if dry_run:
-        echo_options(opts)
-        return
-    limit_threads()
-    config, method, student, extra, evaluate = build_run(opts)
-    from pid.training import train
-    finish_run(train(config, method, student, extra_config=extra, evaluate=evaluate), config.steps)
+    run_training(resolve_options(preset, given), dry_run, build_run)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,12 @@ def heun_images(teacher, seeds, steps: int, batch: int, device):
     return heun_endpoints(teacher, latents, labels, steps, batch), labels
 
 
-def ancestral_images(teacher, seeds, k: int, batch: int, device):
-    """MM's Algorithm 1 with k steps, per-seed noise after each seed's latents and label: (images, labels)."""
+def ancestral_images(teacher, seeds, k: int, batch: int, device, rho: float = 7.0):
+    """MM's Algorithm 1 with k steps on the ρ map, per-seed noise after each seed's latents and label."""
     images, labels = [], []
     for start in range(0, len(seeds), batch):
         rnd, z, c = seed_draws(seeds[start:start + batch], _shape(teacher), teacher.label_dim, device)
-        images.append(ancestral_sampler(teacher, z, c, randn_like=rnd.randn_like, num_steps=k))
+        images.append(ancestral_sampler(teacher, z, c, randn_like=rnd.randn_like, num_steps=k, rho=rho))
         labels.append(c)
     return torch.cat(images), None if labels[0] is None else torch.cat(labels)
 
@@ -83,19 +83,22 @@ def format_table(rows, floor) -> str:
 @click.option("--num", type=click.IntRange(min=2), default=2000, show_default=True, help="Seeds 0..num-1")
 @click.option("--heun-steps", default="1,2,3,5,9,18,40", show_default=True, help="Heun steps (NFE = 2*steps-1)")
 @click.option("--ancestral-steps", default="1,2,4,8,16,32", show_default=True, help="Ancestral k (NFE = k)")
+@click.option("--ancestral-rho", default="7", show_default=True, help="ρ of the ancestral t→σ map (comma list)")
 @click.option("--batch", type=click.IntRange(min=1), default=500, show_default=True, help="Images per call")
 @click.option("--device", default="cpu", show_default=True, help="torch device")
 @click.option("--student", "students", multiple=True, help="NAME=PATH of a student checkpoint to add (repeatable)")
 @click.option("--no-teacher", is_flag=True, help="Only the students' rows")
 @user_errors
-def main(spec, num, heun_steps, ancestral_steps, batch, device, students, no_teacher):
+def main(spec, num, heun_steps, ancestral_steps, ancestral_rho, batch, device, students, no_teacher):
     """Print the Heun-vs-ancestral teacher table (markdown) for an analytic teacher, and students beside it."""
     teacher = load_teacher(spec, device=device)
     if not hasattr(teacher, "component_of"):
         raise ConfigError(f"{spec} is not an analytic teacher: exact metrics need builtin:glyphs32 or glyphs16.")
     seeds, dev = list(range(num)), torch.device(device)
     runs = [("Heun", s, 2 * s - 1, heun_images) for s in map(int, heun_steps.split(","))]
-    runs += [("ancestral", k, k, ancestral_images) for k in map(int, ancestral_steps.split(","))]
+    for rho in map(float, ancestral_rho.split(",")):
+        sample = lambda t, s, k, b, d, rho=rho: ancestral_images(t, s, k, b, d, rho)  # noqa: E731
+        runs += [(f"ancestral ρ={rho:g}", k, k, sample) for k in map(int, ancestral_steps.split(","))]
     runs = [] if no_teacher else runs
     rows, floor = [], None
     for item in students:

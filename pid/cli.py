@@ -21,7 +21,7 @@ from pid.errors import ConfigError, PidError
 
 __all__ = ["user_errors", "OneLineCommand", "OneLineGroup", "EXIT_INTERRUPTED", "check_output_file",
            "check_output_dir", "train_options", "merge_options", "train_config_from", "parse_floats", "TRAIN_FIELDS",
-           "echo_options", "limit_threads", "finish_run"]
+           "echo_options", "limit_threads", "finish_run", "run_training"]
 
 # Exit status of a run stopped by SIGINT/SIGTERM after saving its state (128 + SIGINT, as shells report ^C).
 EXIT_INTERRUPTED = 130
@@ -242,3 +242,15 @@ def finish_run(result, steps: int) -> None:
         click.echo(f"interrupted at step {result.step} of {steps}; the state is saved: continue with "
                    f"--resume=auto (exit status {EXIT_INTERRUPTED})", err=True)
         raise SystemExit(EXIT_INTERRUPTED)
+
+
+def run_training(opts: dict, dry_run: bool, build_run) -> None:
+    """The body of every training script: print the merged settings (--dry-run), or limit threads, build the
+    run with `build_run(opts) -> (config, method, networks, extra, evaluate)`, train, and set the exit status."""
+    if dry_run:
+        echo_options(opts)
+        return
+    limit_threads()
+    config, method, networks, extra, evaluate = build_run(opts)
+    from pid.training import train
+    finish_run(train(config, method, networks, extra_config=extra, evaluate=evaluate), config.steps)

@@ -18,7 +18,7 @@ from pid.errors import CheckpointError
 
 __all__ = ["atomic_save", "write_student_checkpoint", "read_student_checkpoint", "is_student_checkpoint",
            "write_training_state", "read_training_state", "state_path", "student_path", "list_states",
-           "load_latest_state", "STUDENT_FORMAT", "STATE_FORMAT"]
+           "load_latest_state", "STUDENT_FORMAT", "STATE_FORMAT", "student_weights"]
 
 STUDENT_FORMAT = "pid-student"
 STATE_FORMAT = "pid-training-state"
@@ -191,3 +191,12 @@ def load_latest_state(run_dir: str) -> Optional[Tuple[str, dict]]:
         except CheckpointError as exc:
             warnings.warn(f"skipping unusable training state: {exc}")
     return None
+
+
+def student_weights(path: str, ema: Optional[str] = None) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(spec, state_dict) of a student checkpoint with the chosen EMA (default: the file's default EMA)."""
+    ckpt = read_student_checkpoint(path)
+    name = str(ema) if ema is not None else ckpt["default_ema"]
+    if name not in ckpt["emas"]:
+        raise CheckpointError(f"{path} has no EMA {name!r}; available: {', '.join(sorted(ckpt['emas']))}")
+    return ckpt["spec"], ckpt["emas"][name]

@@ -72,11 +72,8 @@ def build_mm_student_from_spec(spec: dict) -> MMStudent:
 
 def load_mm_student(path: str, device: torch.device | str | None = None, ema: str | None = None) -> MMStudent:
     """Load an MM `student-<step>.pt` in eval mode with the chosen EMA weights (default: the file's)."""
-    from pid.training.checkpoint import read_student_checkpoint
-    ckpt = read_student_checkpoint(path)
-    name = str(ema) if ema is not None else ckpt["default_ema"]
-    if name not in ckpt["emas"]:
-        raise CheckpointError(f"{path} has no EMA {name!r}; available: {', '.join(sorted(ckpt['emas']))}")
-    student = build_mm_student_from_spec(ckpt["spec"])
-    student.load_state_dict(ckpt["emas"][name])
+    from pid.training.checkpoint import student_weights
+    spec, weights = student_weights(path, ema)
+    student = build_mm_student_from_spec(spec)
+    student.load_state_dict(weights)
     return student.eval().requires_grad_(False).to(device or "cpu")
