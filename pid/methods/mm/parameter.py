@@ -194,7 +194,10 @@ class ParameterMomentMatching(MomentMatching):
             return {n: -t for n, t in g.items()}
         if not self.precond.ready():
             return None
-        return {n: -t for n, t in self.precond.apply(g).items()}
+        nu = self.precond.apply(g)
+        for t in nu.values():
+            t.neg_()
+        return nu
 
     def surrogate(self, x_tilde: torch.Tensor, z_s: torch.Tensor, sigma_s: torch.Tensor, labels,
                   nu: Optional[Params]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -226,10 +229,10 @@ class ParameterMomentMatching(MomentMatching):
             real = {"x_real": x[:n].float(), "z_real": x[:n].float() + sig_a.view(-1, 1, 1, 1) * eps}
         xt_b, zs_b, sig_b = self.sample_z_s(gen_net, x[n:], lab_b, generator, grad=True)
         g = self.moment_gradient(xt_a, zs_a, sig_a, lab_a, **real)
+        g_rms = (sum(t.float().square().sum() for t in g.values()) / sum(t.numel() for t in g.values())).sqrt()
         nu = self.direction(g)
         if self.precond is not None:
             self.precond.record(g)
+        del g   # ν and the JVP's tangents are the only teacher-sized tensors from here on
         losses, u = self.surrogate(xt_b, zs_b, sig_b, lab_b, nu)
-        g_sq = sum(t.float().square().sum() for t in g.values())
-        numel = sum(t.numel() for t in g.values())
-        return losses, {"teacher_grad_rms": (g_sq / numel).sqrt(), "jvp_rms": u.square().mean().sqrt()}
+        return losses, {"teacher_grad_rms": g_rms, "jvp_rms": u.square().mean().sqrt()}
