@@ -67,7 +67,7 @@ def test_jvp_surrogate_is_a_quarter_of_the_gradient_of_the_preconditioned_object
     for name, v in method.precond.v.items():
         v.copy_(torch.rand(v.shape, generator=g) * g_a[name].square().mean() * 4)
     method.precond.folds = 1
-    nu = method.direction(g_a)
+    nu = method.direction_(g_a)
     lam_g_a = {k: -t for k, t in nu.items()}
     # Half B with z_t, σ_t, z_s and σ_s held fixed: only x̃_B = g_η(z_t) moves with η.
     sig_t = torch.tensor([0.4, 2.0, 20.0])

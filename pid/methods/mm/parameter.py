@@ -112,9 +112,12 @@ class AdamPreconditioner:
             s.zero_()
         self.count, self.folds = 0, self.folds + 1
 
-    def apply(self, g: Params) -> Params:
+    def apply_(self, g: Params) -> Params:
+        """Λ g, in place (g's tensors are overwritten and returned)."""
         correction = 1 - self.beta2 ** self.folds
-        return {n: t / ((self.v[n] / correction).sqrt() + self.eps) for n, t in g.items()}
+        for n, t in g.items():
+            t.div_((self.v[n] / correction).sqrt_().add_(self.eps))
+        return g
 
     def state_dict(self) -> dict:
         self.fold()   # a collective: every process calls state_dict when the trainer saves
@@ -188,13 +191,12 @@ class ParameterMomentMatching(MomentMatching):
                               both(sigma_s, sigma_s), both(labels, labels), torch.cat([w, -w]))
         return {n: 2 * t for n, t in g.items()}   # the call averaged over 2n samples; each half is a mean over n
 
-    def direction(self, g: Params) -> Optional[Params]:
-        """ν = −Λ ĝ_A, or None while the Adam preconditioner has no statistic yet (first step)."""
-        if self.precond is None:
-            return {n: -t for n, t in g.items()}
-        if not self.precond.ready():
+    def direction_(self, g: Params) -> Optional[Params]:
+        """ν = −Λ ĝ_A computed in ĝ_A's tensors (consumed: no extra teacher-sized copy), or None while the Adam
+        preconditioner has no statistic yet (first step)."""
+        if self.precond is not None and not self.precond.ready():
             return None
-        nu = self.precond.apply(g)
+        nu = self.precond.apply_(g) if self.precond is not None else g
         for t in nu.values():
             t.neg_()
         return nu
@@ -230,9 +232,9 @@ class ParameterMomentMatching(MomentMatching):
         xt_b, zs_b, sig_b = self.sample_z_s(gen_net, x[n:], lab_b, generator, grad=True)
         g = self.moment_gradient(xt_a, zs_a, sig_a, lab_a, **real)
         g_rms = (sum(t.float().square().sum() for t in g.values()) / sum(t.numel() for t in g.values())).sqrt()
-        nu = self.direction(g)
         if self.precond is not None:
             self.precond.record(g)
-        del g   # ν and the JVP's tangents are the only teacher-sized tensors from here on
+        nu = self.direction_(g)   # overwrites g: ν and the JVP's tangents are the only teacher-sized temporaries
+        del g
         losses, u = self.surrogate(xt_b, zs_b, sig_b, lab_b, nu)
         return losses, {"teacher_grad_rms": g_rms, "jvp_rms": u.square().mean().sqrt()}
