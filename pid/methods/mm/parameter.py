@@ -229,12 +229,13 @@ class ParameterMomentMatching(MomentMatching):
         if self.subtract_data_grad:
             eps = torch.randn(zs_a.shape, generator=generator, device=generator.device).to(device)
             real = {"x_real": x[:n].float(), "z_real": x[:n].float() + sig_a.view(-1, 1, 1, 1) * eps}
-        xt_b, zs_b, sig_b = self.sample_z_s(gen_net, x[n:], lab_b, generator, grad=True)
+        # ĝ_A before B's generator graph exists: the teacher's backward and that graph never share the peak
         g = self.moment_gradient(xt_a, zs_a, sig_a, lab_a, **real)
         g_rms = (sum(t.float().square().sum() for t in g.values()) / sum(t.numel() for t in g.values())).sqrt()
         if self.precond is not None:
             self.precond.record(g)
         nu = self.direction_(g)   # overwrites g: ν and the JVP's tangents are the only teacher-sized temporaries
         del g
+        xt_b, zs_b, sig_b = self.sample_z_s(gen_net, x[n:], lab_b, generator, grad=True)
         losses, u = self.surrogate(xt_b, zs_b, sig_b, lab_b, nu)
         return losses, {"teacher_grad_rms": g_rms, "jvp_rms": u.square().mean().sqrt()}
