@@ -1,7 +1,8 @@
-"""Distill an EDM teacher into a k-step generator with Moment Matching (Salimans et al. 2024, Algorithm 2).
+"""Distill an EDM teacher into a k-step generator with Moment Matching (Salimans et al. 2024, Algorithms 2 and 3).
 
 Examples:
     python train_mm.py --outdir=runs                                   # built-in glyph teacher, k=4, CPU, minutes
+    python train_mm.py --outdir=runs --algorithm=parameter             # Algorithm 3: no auxiliary network
     torchrun --standalone --nproc_per_node=8 train_mm.py --preset=imagenet64 --data=imagenet-64x64.zip --outdir=runs
     torchrun --standalone --nproc_per_node=8 train_mm.py --preset=cifar10 --data=cifar10-32x32.zip --outdir=runs
 Settings: the embedded default, then --preset, then every option given explicitly.
@@ -16,6 +17,7 @@ import click
 
 from pid.cli import OneLineCommand, run_training, train_config_from, train_options, user_errors
 from pid.methods.mm.objective import WEIGHTS
+from pid.methods.mm.parameter import PRECONDITIONERS
 from pid.methods.mm.recipes import ALGORITHMS, DEFAULT_RECIPE, PRESETS, mm_config_from, resolve_options
 
 
@@ -25,10 +27,14 @@ def _default_desc(opts: dict) -> str:
 
 
 def build_run(opts: dict):
-    """(TrainConfig, MomentMatching, {'generator', 'aux'}, extra_config, evaluate) from merged options."""
+    """(TrainConfig, method, networks, extra_config, evaluate) from merged options."""
     from pid.methods.mm import build_mm_run
     cfg = mm_config_from(opts)
     config = train_config_from(opts, _default_desc(opts))
+    if cfg.algorithm == "parameter" and config.batch % 2:
+        from pid.errors import ConfigError
+        raise ConfigError(f"--algorithm=parameter splits every micro-batch into halves A and B: --batch must be "
+                          f"even, got {config.batch}")
     method, nets, teacher = build_mm_run(cfg, seed=config.seed)
     evaluate = None
     if config.eval_every:
@@ -48,7 +54,8 @@ def build_run(opts: dict):
 @click.option("--data", default=None, help="Training images: EDM dataset zip or image folder  [default: exact samples "
                                            "for built-in teachers; required for EDM teachers]")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None,
-              help="alternating: Algorithm 2, generator and auxiliary denoiser  [default: alternating]")
+              help="alternating: Algorithm 2, generator and auxiliary denoiser; parameter: Algorithm 3, moments "
+                   "matched in the teacher's parameter space (no auxiliary network)  [default: alternating]")
 @click.option("--k", type=int, default=None, help=f"Sampling steps of the student  [default: {DEFAULT_RECIPE['k']}; "
                                                   "presets: imagenet64 8, cifar10 2]")
 @click.option("--rho", type=float, default=None, help="t→σ map exponent (Karras interpolation)  [default: 7]")
@@ -59,6 +66,13 @@ def build_run(opts: dict):
 @click.option("--force-t1", type=bool, default=None, help="Train every sample from t = 1 (one-step variant)  [default: false]")
 @click.option("--aux-lr-mult", type=float, default=None, help="Auxiliary denoiser's lr / the generator's  [default: 1]")
 @click.option("--student-preset", default=None, help="Residual network for built-in teachers  [default: glyphs<resolution>]")
+@click.option("--preconditioner", type=click.Choice(PRECONDITIONERS), default=None,
+              help="Algorithm 3's Λ: adam (online EMA of squared teacher gradients; EDM pickles carry no optimizer "
+                   "state) or identity  [default: adam]")
+@click.option("--precond-beta2", type=float, default=None, help="adam Λ: EMA rate of squared gradients  [default: 0.99]")
+@click.option("--precond-eps", type=float, default=None, help="adam Λ: 1/(sqrt(v)+eps)  [default: 1e-8]")
+@click.option("--subtract-data-grad", type=bool, default=None,
+              help="Algorithm 3: subtract the teacher's gradient on real data  [default: false]")
 @train_options(DEFAULT_RECIPE)
 @user_errors
 def main(preset, dry_run, **given):

@@ -162,16 +162,21 @@ class AttentionOp(torch.autograd.Function):
     """Attention weights ``w[b, i, j] = softmax_j(sum_c q[b, c, i] k[b, c, j] / sqrt(c))``, always in f32.
 
     ``q``: ``[B, c, Nq]``, ``k``: ``[B, c, Nk]`` -> ``[B, Nq, Nk]`` in q's dtype. Forward and backward both
-    run in float32 so that fp16 networks keep a stable softmax.
+    run in float32 so that fp16 networks keep a stable softmax. `jvp` gives forward-mode derivatives, which
+    moment matching's Algorithm 3 needs for a parameter-space Jacobian-vector product (torch.func.jvp).
     """
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         scale = math.sqrt(k.shape[1])
         w = torch.einsum("bci,bcj->bij", q.to(torch.float32), (k / scale).to(torch.float32))
-        w = w.softmax(dim=2).to(q.dtype)
-        ctx.save_for_backward(q, k, w)
-        return w
+        return w.softmax(dim=2).to(q.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        q, k = inputs
+        ctx.save_for_backward(q, k, output)
+        ctx.save_for_forward(q, k, output)
 
     @staticmethod
     def backward(ctx: Any, dw: torch.Tensor):
@@ -184,6 +189,19 @@ class AttentionOp(torch.autograd.Function):
         dq = torch.einsum("bcj,bij->bci", k.to(torch.float32), dlogits) / scale
         dk = torch.einsum("bci,bij->bcj", q.to(torch.float32), dlogits) / scale
         return dq.to(q.dtype), dk.to(k.dtype)
+
+    @staticmethod
+    def jvp(ctx: Any, dq: Optional[torch.Tensor], dk: Optional[torch.Tensor]) -> torch.Tensor:
+        q, k, w = ctx.saved_tensors
+        f32 = torch.float32
+        dlogits = torch.zeros_like(w, dtype=f32)
+        if dq is not None:
+            dlogits = dlogits + torch.einsum("bci,bcj->bij", dq.to(f32), k.to(f32))
+        if dk is not None:
+            dlogits = dlogits + torch.einsum("bci,bcj->bij", q.to(f32), dk.to(f32))
+        dlogits = dlogits / math.sqrt(k.shape[1])
+        w32 = w.to(f32)
+        return (w32 * (dlogits - (dlogits * w32).sum(dim=2, keepdim=True))).to(w.dtype)
 
 
 @keeps_init_kwargs

@@ -65,7 +65,10 @@ class GaussianMixtureTeacher(nn.Module):
             0, self.component_labels, self.log_weights.exp())
         # an all-zero row (what EDM's conditional nets get for "no label") means the whole mixture: y = Π
         y = torch.where(y.sum(dim=1, keepdim=True) > 0, y, mass[None])
-        log_y = (y / y.sum(dim=1, keepdim=True)).log()[:, self.component_labels]  # [N,K], -inf outside the class
+        y = (y / y.sum(dim=1, keepdim=True))[:, self.component_labels]
+        # -inf outside the class, written so that forward-mode derivatives (Algorithm 3's JVP over means and
+        # log_weights) stay finite there: log(0) would give a 0/0 tangent
+        log_y = torch.where(y > 0, y.clamp(min=torch.finfo(y.dtype).tiny).log(), -torch.inf)
         return log_y + self.log_weights[None] - mass.log()[self.component_labels][None]
 
     def _sq_dist(self, x: torch.Tensor) -> torch.Tensor:

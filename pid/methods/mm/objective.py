@@ -80,9 +80,9 @@ class MomentMatching:
         return self.aux_lr_mult if name == "aux" else 1.0
 
     def config_dict(self) -> dict:
-        return {"aux_lr_mult": self.aux_lr_mult, "name": self.name, "k": self.k, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+        return {"name": self.name, "k": self.k, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
                 "rho": self.rho, "weight": self.weight, "sigma_floor": self.sigma_floor, "force_t1": self.force_t1,
-                "algorithm": "alternating"}
+                "algorithm": "alternating", "aux_lr_mult": self.aux_lr_mult}
 
     def draw_times(self, n: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """(σ_t, σ_s) float64 [n]: s ~ U(0,1), δ ~ U(0,1/k), t = min(1, s + δ) (or t = 1 with force_t1)."""

@@ -13,7 +13,7 @@ from pid.methods.pid.recipes import EDM_PRETRAINED
 
 __all__ = ["MMConfig", "DEFAULT_RECIPE", "PRESETS", "ALGORITHMS", "resolve_options", "mm_config_from"]
 
-ALGORITHMS = ("alternating",)
+ALGORITHMS = ("alternating", "parameter")
 
 
 @dataclass
@@ -21,7 +21,7 @@ class MMConfig:
     """Moment-matching settings (the generic ones are pid.training.TrainConfig)."""
     teacher: str = "builtin:glyphs16"      # EDM pickle path/URL or builtin:<name>
     data: Optional[str] = None             # EDM dataset zip or image folder; None: exact samples (built-in teachers)
-    algorithm: str = "alternating"         # Algorithm 2 (auxiliary denoiser)
+    algorithm: str = "alternating"         # alternating: Algorithm 2 (auxiliary denoiser); parameter: Algorithm 3
     k: int = 4                             # sampling steps of the student
     rho: float = 7.0                       # t→σ map: Karras interpolation between sigma_min and sigma_max
     sigma_min: Optional[float] = None      # None: the teacher's, clipped to [0.002, 80]
@@ -31,6 +31,10 @@ class MMConfig:
     force_t1: bool = False                 # t ≡ 1 (one-step methods' variant; meaningful for k = 1)
     aux_lr_mult: float = 1.0               # auxiliary denoiser's learning rate / the generator's
     student_preset: Optional[str] = None   # residual network for built-in teachers (None: glyphs<resolution>)
+    preconditioner: str = "adam"           # Algorithm 3's Λ: identity, or adam (online EMA of squared teacher grads)
+    precond_beta2: float = 0.99            # adam: EMA rate of the squared teacher gradient
+    precond_eps: float = 1e-8              # adam: Λ = 1/(√v̂ + eps)
+    subtract_data_grad: bool = False       # Algorithm 3: moment relative to the teacher's gradient on real data
     eval_num: int = 1000
     fid_ref: Optional[str] = None
     detector: Optional[str] = None
@@ -41,7 +45,8 @@ class MMConfig:
 # batch, EMA and weight were chosen by the measurements in BENCHMARKS.md (moment matching, (a)).
 DEFAULT_RECIPE: dict = dict(
     teacher="builtin:glyphs16", data=None, algorithm="alternating", k=4, rho=25.0, weight="edm", sigma_floor=0.1,
-    force_t1=False, aux_lr_mult=1.0, student_preset=None,
+    force_t1=False, aux_lr_mult=1.0, student_preset=None, preconditioner="adam", precond_beta2=0.99, precond_eps=1e-8,
+    subtract_data_grad=False,
     steps=2000, batch=32, lr=2e-3, optimizer="adam", betas="0.0,0.99", eps=1e-12, precision="fp32",
     ema="0.99,0.995", default_ema=0.99, warmup=100, lr_schedule="linear", grad_clip=1.0, snap=500,
     grid_every=500, grid_seeds=64, log_every=10, eval_every=500, eval_num=2000,
