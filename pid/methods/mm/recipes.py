@@ -44,7 +44,7 @@ class MMConfig:
 # Optimizer as the paper (Adam β1 = 0, β2 = 0.99, ε = 1e-12, warm-up then linear decay, clip 1); the learning rate,
 # batch, EMA and weight were chosen by the measurements in BENCHMARKS.md (moment matching, (a)).
 DEFAULT_RECIPE: dict = dict(
-    teacher="builtin:glyphs16", data=None, algorithm="alternating", k=4, rho=25.0, weight="edm", sigma_floor=0.1,
+    teacher="builtin:glyphs16", data=None, algorithm="alternating", k=4, rho=7.0, weight="edm", sigma_floor=0.1,
     force_t1=False, aux_lr_mult=1.0, student_preset=None, preconditioner="adam", precond_beta2=0.99, precond_eps=1e-8,
     subtract_data_grad=False,
     steps=2000, batch=32, lr=2e-3, optimizer="adam", betas="0.0,0.99", eps=1e-12, precision="fp32",
