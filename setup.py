@@ -8,11 +8,11 @@ setup(
     description="Distill NVIDIA EDM diffusion teachers into one-step (PID) and few-step (moment matching) generators.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # PEP 604 unions (str | None) are evaluated at run time in places
     packages=find_packages(include=["pid", "pid.*", "edm_networks", "edm_networks.*"]),
     py_modules=["train_pid", "train_mm", "sample", "fid"],
     install_requires=[
-        "torch>=2.0",
+        "torch>=2.6",  # torch.nn.utils.get_total_norm / clip_grads_with_norm_, torch.func.jvp over functional_call
         "torchvision",
         "lpips",
         "numpy",
