@@ -18,8 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pid.cli import user_errors  # noqa: E402
-from pid.methods.mm import MomentMatching, loss_weight  # noqa: E402
-from pid.training.loop import MicroBatch  # noqa: E402
+from pid.methods.mm import loss_weight  # noqa: E402
 
 EDGES = (0.002, 0.01, 0.05, 0.2, 1.0, 5.0, 80.0001)
 

@@ -2,7 +2,6 @@
 moment-matching gradient, and the trainer's guarantees (exact resume, N processes = 1 process) hold with two
 networks."""
 
-import math
 import os
 import subprocess
 import sys
@@ -14,16 +13,9 @@ from torch import nn
 import edm_networks
 from pid.methods.mm import MomentMatching, MMStudent, denoiser_from_teacher, load_mm_student, loss_weight
 from pid.teachers import EDMTeacher, load_teacher
-from pid.toy import GaussianMixtureTeacher
 from pid.training.loop import MicroBatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_mixture() -> GaussianMixtureTeacher:
-    g = torch.Generator().manual_seed(0)
-    means = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
-    return GaussianMixtureTeacher(means, torch.tensor([0, 0, 1, 1]), std=0.1, label_dim=2)
 
 
 @pytest.mark.parametrize("kind", ["edm", "vp", "ve", "iddpm"])
