@@ -15,7 +15,7 @@ import os
 
 import click
 
-from pid.cli import OneLineCommand, run_training, train_config_from, train_options, user_errors
+from pid.cli import OneLineCommand, run_training, train_config_from, train_options, training_evaluator, user_errors
 from pid.methods.mm.objective import WEIGHTS
 from pid.methods.mm.parameter import PRECONDITIONERS
 from pid.methods.mm.recipes import ALGORITHMS, DEFAULT_RECIPE, PRESETS, mm_config_from, resolve_options
@@ -36,11 +36,7 @@ def build_run(opts: dict):
         raise ConfigError(f"--algorithm=parameter splits every micro-batch into halves A and B: --batch must be "
                           f"even, got {config.batch}")
     method, nets, teacher = build_mm_run(cfg, seed=config.seed)
-    evaluate = None
-    if config.eval_every:
-        from pid.metrics.evaluate import make_evaluator
-        evaluate = make_evaluator(teacher, num=cfg.eval_num, fid_ref=cfg.fid_ref, detector=cfg.detector,
-                                  distributed=False)
+    evaluate = training_evaluator(teacher, config, cfg)
     extra = {"mm": dataclasses.asdict(cfg), "student": nets["generator"].export_spec()}
     return config, method, nets, extra, evaluate
 

@@ -14,7 +14,7 @@ import os
 
 import click
 
-from pid.cli import OneLineCommand, run_training, train_config_from, train_options, user_errors
+from pid.cli import OneLineCommand, run_training, train_config_from, train_options, training_evaluator, user_errors
 from pid.methods.pid.recipes import DEFAULT_RECIPE, PRESETS, pid_config_from, resolve_options
 
 
@@ -39,11 +39,7 @@ def build_run(opts: dict):
     method = PIDObjective(teacher, pcfg.discretization, distance, pcfg.sigma_min, pcfg.sigma_max, pcfg.rho)
     student = student_from_teacher(teacher, pcfg.teacher, pcfg.student_preset, method.sigma_min, method.sigma_max,
                                    seed=config.seed)
-    evaluate = None
-    if config.eval_every:
-        from pid.metrics.evaluate import make_evaluator
-        evaluate = make_evaluator(teacher, num=pcfg.eval_num, fid_ref=pcfg.fid_ref, detector=pcfg.detector,
-                                  distributed=False)
+    evaluate = training_evaluator(teacher, config, pcfg)
     extra = {"pid": dataclasses.asdict(pcfg), "student": student.export_spec()}
     return config, method, student, extra, evaluate
 

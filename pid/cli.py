@@ -21,7 +21,7 @@ from pid.errors import ConfigError, PidError
 
 __all__ = ["user_errors", "OneLineCommand", "OneLineGroup", "EXIT_INTERRUPTED", "check_output_file",
            "check_output_dir", "train_options", "merge_options", "train_config_from", "parse_floats", "TRAIN_FIELDS",
-           "echo_options", "limit_threads", "finish_run", "run_training"]
+           "echo_options", "limit_threads", "finish_run", "run_training", "training_evaluator"]
 
 # Exit status of a run stopped by SIGINT/SIGTERM after saving its state (128 + SIGINT, as shells report ^C).
 EXIT_INTERRUPTED = 130
@@ -254,3 +254,13 @@ def run_training(opts: dict, dry_run: bool, build_run) -> None:
     config, method, networks, extra, evaluate = build_run(opts)
     from pid.training import train
     finish_run(train(config, method, networks, extra_config=extra, evaluate=evaluate), config.steps)
+
+
+def training_evaluator(teacher, config, method_config):
+    """The evaluator of a training script (None when --eval-every is 0): exact metrics for built-in teachers, FID
+    with `--fid-ref` otherwise; `method_config` carries eval_num, fid_ref and detector."""
+    if not config.eval_every:
+        return None
+    from pid.metrics.evaluate import make_evaluator
+    return make_evaluator(teacher, num=method_config.eval_num, fid_ref=method_config.fid_ref,
+                          detector=method_config.detector, distributed=False)
