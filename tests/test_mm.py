@@ -13,9 +13,17 @@ from torch import nn
 import edm_networks
 from pid.methods.mm import MomentMatching, MMStudent, denoiser_from_teacher, load_mm_student, loss_weight
 from pid.teachers import EDMTeacher, load_teacher
+from pid.toy import GaussianMixtureTeacher
 from pid.training.loop import MicroBatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_mixture() -> GaussianMixtureTeacher:
+    """4 components of 3x8x8 in 2 classes (used by tests/test_mm_parameter.py)."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    return GaussianMixtureTeacher(means, torch.tensor([0, 0, 1, 1]), std=0.1, label_dim=2)
 
 
 @pytest.mark.parametrize("kind", ["edm", "vp", "ve", "iddpm"])
