@@ -42,7 +42,6 @@ def build_run(opts: dict):
 
 
 @click.command(cls=OneLineCommand, context_settings={"show_default": True})
-@click.option("--outdir", default="runs", help="Parent folder of the run directories")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Recipe (imagenet64: the paper's, k=8, batch 2048, lr 1e-5, bf16; cifar10: k=2, batch 512, "
                    "lr 5e-6); other options override it")

@@ -45,7 +45,6 @@ def build_run(opts: dict):
 
 
 @click.command(cls=OneLineCommand, context_settings={"show_default": True})
-@click.option("--outdir", default="runs", help="Parent folder of the run directories")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Reference recipe (cifar10: RAdam 2e-4, batch 512, N=250, LPIPS, fp32; imagenet64: 1e-4, "
                    "batch 2048, fp16); other options override it")

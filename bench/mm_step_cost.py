@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -24,11 +23,10 @@ import time
 import click
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pid_step_cost import _peak_bytes  # noqa: E402  (CUDA: max allocated; CPU: peak RSS)
+
 NETS = {"cifar10": "edm-cifar10-32x32-cond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}
-
-
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class RandomImages:
@@ -70,7 +68,7 @@ def measure(net: str, algorithm: str, batch: int, repeats: int, device: torch.de
             p.grad = torch.zeros_like(p)
         opt.step()
         opt.zero_grad(set_to_none=False)
-    base = _peak_bytes()
+    base = _peak_bytes(device)
     gen = torch.Generator(device=device)
     phases, warm = {}, 2 if algorithm == "alternating" else 1
     for step in range(warm * (repeats + 1)):
@@ -85,7 +83,7 @@ def measure(net: str, algorithm: str, batch: int, repeats: int, device: torch.de
             torch.cuda.synchronize(device)
         if step >= warm:   # the first step of each phase is a warm-up (and Algorithm 3's has no preconditioner yet)
             phases.setdefault(phase, []).append(time.perf_counter() - t0)
-    peak = _peak_bytes()
+    peak = _peak_bytes(device)
     per_phase = {k: sum(v) / len(v) for k, v in phases.items()}
     trainable = sum(p.numel() for n in nets.values() for p in n.parameters())
     return {"net": net, "algorithm": algorithm, "batch": batch, "phases": per_phase,

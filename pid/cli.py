@@ -192,6 +192,7 @@ def limit_threads() -> None:
 def train_options(recipe: dict):
     """The trainer's click options, shared by every training script; `recipe` supplies the shown defaults."""
     opts = [
+        click.option("--outdir", default="runs", help="Parent folder of the run directories"),
         click.option("--steps", type=int, default=None, help=f"Optimizer steps  [default: {recipe['steps']}]"),
         click.option("--batch", type=int, default=None, help=f"Global batch  [default: {recipe['batch']}]"),
         click.option("--batch-gpu", type=int, default=None, help="Images per forward/backward per process (accumulate)"),

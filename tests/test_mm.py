@@ -139,16 +139,6 @@ def test_generator_surrogate_gradient_is_half_the_moment_matching_gradient():
     torch.testing.assert_close(surrogate, expected, atol=0.02, rtol=0)
 
 
-def test_optimal_generator_gets_zero_gradient():
-    """A generator that already matches the data (x̃ = E[x|z_t] under the teacher) has E[x̃|z_s] = g_θ: no update."""
-    mu, s, st = 0.3, 0.7, 2.0
-    c_t = s ** 2 / (s ** 2 + st ** 2)
-    case = GaussianCase(mu=mu, s=s, sigma_t=st, a=c_t, b=mu * (1 - c_t))
-    # For this x̃ the k-step chain's z_s has the data marginal only if x̃ carries the full posterior spread; the
-    # first moment still matches: E[x̃ | z_s] − g_θ(z_s) has zero mean, so ∂/∂b vanishes.
-    assert abs(float(case.mm_gradient()[1])) < 1e-9
-
-
 # ------------------------------------------------------------------------------------- student and trainer
 def test_mm_student_checkpoint_round_trip(tmp_path):
     from pid.training.checkpoint import write_student_checkpoint
