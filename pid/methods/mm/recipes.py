@@ -44,8 +44,9 @@ class MMConfig:
 # (Adam β1 = 0, β2 = 0.99, ε = 1e-12, warm-up then linear decay, clip 1). Measured in BENCHMARKS.md (moment
 # matching, (c)): momentum (β1 0.9) made generator and auxiliary network chase each other, a 5x learning rate or a
 # faster auxiliary network did not help, w = edm spreads the generator update over all σ ranges ((b)), and EDM's
-# ρ = 7 map is the one on which the students improved on the teacher's own k-step sampler (ρ = 25 makes that
-# starting point much better, FD 1.24 against 2.17, but no student trained on it improved its mode frequencies).
+# ρ = 7 map is kept: on it Algorithm 3 improved on the teacher's own 4-step sampler in both runs and Algorithm 2
+# in one of two (within the run-to-run spread), while ρ = 25 makes that starting point much better (FD 1.24
+# against 2.17) but no student trained on it improved its mode frequencies. (a) and (d) give the numbers.
 DEFAULT_RECIPE: dict = dict(
     teacher="builtin:glyphs16", data=None, algorithm="alternating", k=4, rho=7.0, weight="edm", sigma_floor=0.1,
     force_t1=False, aux_lr_mult=1.0, student_preset=None, preconditioner="adam", precond_beta2=0.99, precond_eps=1e-8,
