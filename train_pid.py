@@ -34,7 +34,7 @@ def build_run(opts: dict):
     pcfg = pid_config_from(opts)
     config = train_config_from(opts, _default_desc(opts))
     distance = DistanceConfig(name=pcfg.loss, huber_c=pcfg.huber_c, lpips_resize=pcfg.lpips_resize,
-                              lpips_vgg=pcfg.lpips_vgg)
+                              lpips_vgg=pcfg.lpips_vgg, lpips_pool=pcfg.lpips_pool)
     teacher = load_teacher(pcfg.teacher)
     method = PIDObjective(teacher, pcfg.discretization, distance, pcfg.sigma_min, pcfg.sigma_max, pcfg.rho)
     student = student_from_teacher(teacher, pcfg.teacher, pcfg.student_preset, method.sigma_min, method.sigma_max,
@@ -60,6 +60,8 @@ def build_run(opts: dict):
               help="Distance of the PID residual  [default: l2; presets lpips]")
 @click.option("--huber-c", type=float, default=None, help="pseudo-Huber c  [default: 0.00054·sqrt(C·H·W)]")
 @click.option("--lpips-resize", type=int, default=None, help="Bilinear resize before LPIPS (0 = none)  [default: 224]")
+@click.option("--lpips-pool", type=click.Choice(["avg", "max"]), default=None,
+              help="VGG16 pooling of LPIPS: avg = the PID reference's (piq), max = the lpips package's  [default: avg]")
 @click.option("--lpips-vgg", default=None, help="torchvision VGG16 weights file for LPIPS  [default: torchvision cache]")
 @train_options(DEFAULT_RECIPE)
 @user_errors
