@@ -186,6 +186,28 @@ def test_mixed_precision_runs_on_cpu(tmp_path, precision, dtype):
     assert bool(state["scaler"]) == (precision == "fp16")
 
 
+def test_bf16_on_a_cpu_without_bf16_units_warns(tmp_path, monkeypatch):
+    import warnings
+    from pid.training import entry
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert entry.cpu_has_bf16(str(info)) is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert entry.cpu_has_bf16(str(info)) is True
+    info.write_text("Features\t: fp asimd sve bf16\n")   # Arm
+    assert entry.cpu_has_bf16(str(info)) is True
+    assert entry.cpu_has_bf16(str(tmp_path / "missing")) is None   # not Linux: unknown, no warning
+    monkeypatch.setattr(entry, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="bf16 on a CPU without bfloat16 units.*many times slower"):
+        entry.warn_slow_precision("bf16", torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entry.warn_slow_precision("fp32", torch.device("cpu"))
+        entry.warn_slow_precision("bf16", torch.device("meta"))   # not a CPU
+        monkeypatch.setattr(entry, "cpu_has_bf16", lambda: None)
+        entry.warn_slow_precision("bf16", torch.device("cpu"))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_nan_step_is_skipped_without_side_effects(tmp_path, precision):
     # Step index 2 produces NaN: the run's state after 3 steps must equal a clean run stopped after 2.
