@@ -9,7 +9,7 @@ LPIPS comes in two variants that differ only in VGG16's pooling (`lpips_pool`):
        `lpips` package's scaling layer (shift 2·mean − 1, scale 2·std), and its per-layer channel normalisation,
        squared difference, linear weights, spatial mean and sum over layers are those of LPIPS v0.1.
   max  the `lpips` package's LPIPS (VGG16 as trained, max pooling).
-The two give different losses and gradients (BENCHMARKS.md, "LPIPS variants").
+The two give different losses and gradients (BENCHMARKS.md, PID (d)).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class PIDObjective:
     N = 250 grid), so under fp16/bf16 autocast the student's forward and the difference run in fp32
     (`residual_precision='fp32'`); the teacher and the distance keep the trainer's precision (their errors are not
     amplified). 'amp' runs the student under autocast too, as the reference's fp16 U-Net does: cheaper, but
-    its residual carries the amplified rounding (BENCHMARKS.md, "Residual precision").
+    its residual carries the amplified rounding (BENCHMARKS.md, PID (e)).
     """
 
     name = "pid"

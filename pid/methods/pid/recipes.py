@@ -58,7 +58,7 @@ DEFAULT_RECIPE: dict = dict(
 # fp32), not the paper's Table 6, which lists clipping and FP16 for both; pass --grad-clip / --precision for that.
 # Their LPIPS is the reference's: piq's VGG16 with average pooling (lpips_pool="avg"), resized to 224. ImageNet-64
 # runs in fp16 as the reference, except the student and the finite difference (residual_precision="fp32"): the
-# reference's fp16 student makes the residual's rounding error t/(t − t') times larger (BENCHMARKS.md).
+# reference's fp16 student makes the residual's rounding error t/(t − t') times larger (BENCHMARKS.md, PID (e)).
 PRESETS: dict[str, dict] = {
     "cifar10": dict(teacher=EDM_PRETRAINED + "edm-cifar10-32x32-uncond-vp.pkl", discretization=250, rho=7.0,
                     loss="lpips", lpips_pool="avg",
