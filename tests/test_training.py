@@ -160,6 +160,37 @@ def test_resume_refuses_other_configuration(tmp_path):
         train(toy_config(str(tmp_path), resume=str(tmp_path)), ToyMethod(), ToyStudent())
 
 
+def test_runs_written_before_a_setting_existed_resume_when_it_cannot_matter():
+    """A run's config.json from before `lpips_pool`/`residual_precision`/`mixture_adjust` existed implies the old
+    behaviour: it resumes when that behaviour cannot change its trajectory, and is refused, naming the setting,
+    when it does."""
+    from pid.training.rundir import config_differences
+
+    def pid_run(loss, precision, **new):
+        extra = {"pid": {"loss": loss, **new}}
+        method = {"name": "pid", "distance": {"name": loss, **({"lpips_pool": new["lpips_pool"]} if new else {})},
+                  **({"residual_precision": new["residual_precision"]} if new else {})}
+        return {"train": {"precision": precision}, "method": method, "extra": extra}
+
+    now = {"lpips_pool": "avg", "residual_precision": "fp32"}
+    assert config_differences(pid_run("l2", "fp32"), pid_run("l2", "fp32", **now)) == []
+    diffs = config_differences(pid_run("lpips", "fp32"), pid_run("lpips", "fp32", **now))
+    assert diffs and all("lpips_pool: 'max' -> 'avg'" in d for d in diffs)
+    assert config_differences(pid_run("lpips", "fp32"), pid_run("lpips", "fp32", lpips_pool="max",
+                                                                 residual_precision="fp32")) == []
+    assert any("residual_precision: 'amp' -> 'fp32'" in d
+               for d in config_differences(pid_run("l2", "fp16"), pid_run("l2", "fp16", **now)))
+
+    def mm_run(kind, **new):
+        return {"train": {"precision": "fp32"}, "method": {"name": "mm"},
+                "extra": {"mm": {"k": 4, **new}, "student": {"denoiser": {"kind": kind, **(
+                    {"adjust": None if kind == "edm" else {"components": 30}} if new else {})}}}}
+
+    assert config_differences(mm_run("edm"), mm_run("edm", mixture_adjust=True)) == []
+    assert any("mixture_adjust: False -> True" in d
+               for d in config_differences(mm_run("mixture-residual"), mm_run("mixture-residual", mixture_adjust=True)))
+
+
 def test_latest_state_skips_a_damaged_file(tmp_path):
     run_dir = train(toy_config(str(tmp_path), steps=4, keep_states=0), ToyMethod(), ToyStudent())
     newest = ckpt.state_path(run_dir, 4)
