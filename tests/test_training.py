@@ -54,12 +54,15 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------------------------- DDP
-def test_two_process_step_equals_single_process_step(tmp_path):
+@pytest.mark.parametrize("grad_sync,wrapper", [("ddp", "_DDP"), ("manual", "ToyStudent")])
+def test_two_process_step_equals_single_process_step(tmp_path, grad_sync, wrapper):
     overrides = dict(steps=2, batch=8, batch_gpu=2, snap=2)
     single = train(toy_config(str(tmp_path / "single"), **overrides), ToyMethod(), ToyStudent())
     # fork: the children reuse the imported modules (spawn would re-import torch, ~10 s on 2 busy cores)
-    mp.start_processes(ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), overrides), nprocs=2,
-                       join=True, start_method="fork")
+    types = str(tmp_path / "types.txt")
+    mp.start_processes(ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), {**overrides, "grad_sync": grad_sync},
+                                         types), nprocs=2, join=True, start_method="fork")
+    assert open(types).read() == wrapper   # DDP (with no_sync in the first of 2 rounds), or the manual all-reduce
     ddp_run = glob.glob(str(tmp_path / "ddp" / "*"))
     assert len(ddp_run) == 1, "both ranks must share one run directory"
     a, b = final_state(single), final_state(ddp_run[0])
