@@ -224,6 +224,19 @@ def test_invalid_configurations_raise():
         _tiny(encoder_type="fancy")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_preconditioner_runs_under_autocast(dtype):
+    """The trainer's fp16/bf16 run teachers and students under autocast: D stays float32 and close to fp32's."""
+    net = _tiny(model_type="DhariwalUNet", model_channels=16, attn_resolutions=[4]).eval()
+    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0]), torch.eye(4)[:2]
+    with torch.no_grad():
+        full = net(x, sigma, labels)
+        with torch.autocast("cpu", dtype=dtype):
+            half = net(x, sigma, labels)
+    assert half.dtype == torch.float32
+    assert (half - full).abs().max().item() < 5e-2 * full.abs().max().item()
+
+
 @pytest.mark.parametrize("name", _network_files())
 def test_sdpa_attention_matches_edm(edm_vectors, name):
     """--attention=sdpa: the golden outputs within the same tolerance, and gradients within float32 rounding."""
