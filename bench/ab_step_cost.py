@@ -89,8 +89,8 @@ def main(repo_a, repo_b, net, batch, repeats, rounds, one):
                            f"--repeats={repeats}", f"--one-trainer={repo}"]
                 results[(kind, k)].append(_run(cmd, repo))
                 row = results[(kind, k)][-1]
-                print(f"round {r} {kind} {k}: step {row['step']:.3f} s, peak {row['peak_mib_per_sample']:.0f} MiB/sample",
-                      file=sys.stderr, flush=True)
+                print(f"round {r} {kind} {k}: step {row['step']:.3f} s, "
+                      f"peak {row['peak_mib_per_sample']:.0f} MiB/sample", file=sys.stderr, flush=True)
     print(f"| measurement | A step (s) | B step (s) | B/A time per round | B/A time, median | A MiB/sample | "
           f"B MiB/sample | B/A memory, median |")
     print("|---|---|---|---|---|---|---|---|")
@@ -98,8 +98,8 @@ def main(repo_a, repo_b, net, batch, repeats, rounds, one):
         a, b = results[(kind, "A")], results[(kind, "B")]
         ratios = [y["step"] / x["step"] for x, y in zip(a, b)]
         mem = [y["peak_mib_per_sample"] / x["peak_mib_per_sample"] for x, y in zip(a, b)]
-        print(f"| {kind} | {statistics.median(x['step'] for x in a):.3f} | {statistics.median(y['step'] for y in b):.3f} "
-              f"| {', '.join(f'{v:.3f}' for v in ratios)} | {statistics.median(ratios):.3f} "
+        print(f"| {kind} | {statistics.median(x['step'] for x in a):.3f} "
+              f"| {statistics.median(y['step'] for y in b):.3f} | {', '.join(f'{v:.3f}' for v in ratios)} | {statistics.median(ratios):.3f} "
               f"| {statistics.median(x['peak_mib_per_sample'] for x in a):.0f} "
               f"| {statistics.median(y['peak_mib_per_sample'] for y in b):.0f} | {statistics.median(mem):.3f} |")
     print(f"\n{net}, batch {batch}, LPIPS, fp32, {repeats} timed steps after 1 warm-up per process, {rounds} rounds "

@@ -139,8 +139,8 @@ def step_table(args, device, tmp) -> None:
                 peak_tf = peak_tflops(device, precision, args["peak_tflops"])
                 mfu = f"{flops / seconds / (peak_tf * 1e12):.1%}" if peak_tf else "n/a"
                 mem = f"{peak / 2 ** 30:.2f} | {peak / batch / 2 ** 20:.0f}" if peak else "n/a | n/a"
-                print(f"| {net} | {precision} | {label} | {batch} | {batch / seconds:.1f} | {seconds * 1e3:.1f} | {mem} "
-                      f"| {flops / 1e12:.3f} | {mfu} |", flush=True)
+                print(f"| {net} | {precision} | {label} | {batch} | {batch / seconds:.1f} | {seconds * 1e3:.1f} "
+                      f"| {mem} | {flops / 1e12:.3f} | {mfu} |", flush=True)
 
 
 def loss_agreement(args, device, tmp) -> None:

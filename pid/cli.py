@@ -228,8 +228,10 @@ def train_options(recipe: dict):
         click.option("--desc", default=None, help="Run directory suffix  [default: from the settings]"),
         click.option("--attention", type=click.Choice(["edm", "sdpa"]), default=None,
                      help="Attention kernel: EDM's float32 op, or fused scaled_dot_product_attention  [default: edm]"),
-        click.option("--channels-last", type=bool, default=None, help="Networks in channels_last layout  [default: false]"),
-        click.option("--compile", type=bool, default=None, help="torch.compile student(s) and teacher  [default: false]"),
+        click.option("--channels-last", type=bool, default=None,
+                     help="Networks in channels_last layout  [default: false]"),
+        click.option("--compile", type=bool, default=None,
+                     help="torch.compile student(s) and teacher  [default: false]"),
         click.option("--grad-sync", type=click.Choice(["ddp", "manual"]), default=None,
                      help="Several processes: DistributedDataParallel (overlapped) or summed after backward  "
                           "[default: ddp]"),
@@ -295,7 +297,6 @@ def training_evaluator(teacher, config, method_config):
     if not config.eval_every:
         return None
     from pid.metrics.evaluate import make_evaluator
-    from pid.training.distributed import init_distributed
-    device = init_distributed(config.device).device   # the group exists already: this only names our device
+    from pid.training.distributed import local_device
     return make_evaluator(teacher, num=method_config.eval_num, fid_ref=method_config.fid_ref,
-                          detector=method_config.detector, device=device, distributed=None)
+                          detector=method_config.detector, device=local_device(config.device), distributed=None)

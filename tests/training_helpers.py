@@ -84,7 +84,8 @@ def toy_config(outdir: str, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def ddp_worker(rank: int, world: int, port: int, outdir: str, overrides: dict, types_file: Optional[str] = None) -> None:
+def ddp_worker(rank: int, world: int, port: int, outdir: str, overrides: dict,
+               types_file: Optional[str] = None) -> None:
     """torch.multiprocessing.spawn target: one rank of a gloo (CPU) run, with torchrun's environment.
     `types_file`: write the class names of the student objects the method was given there (rank 0)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),

@@ -63,7 +63,7 @@ class TrainConfig:
     device: Optional[str] = None         # None = cuda:LOCAL_RANK when available, else cpu
     desc: str = "train"                  # run directory suffix
     # Speed options (GPU fast paths; each changes results only by floating-point rounding, docs/training.md):
-    attention: str = "edm"               # 'edm' (EDM's float32 AttentionOp) or 'sdpa' (fused scaled_dot_product_attention)
+    attention: str = "edm"               # 'edm' (EDM's float32 AttentionOp) or 'sdpa' (scaled_dot_product_attention)
     channels_last: bool = False          # networks (trainable and teacher) in channels_last memory format
     compile: bool = False                # torch.compile the trainable networks and the teacher
     grad_sync: str = "ddp"               # several processes: 'ddp' (DistributedDataParallel, overlapped) or 'manual'

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum_", "all_reduce_grads_", "broadcast_params_",
-           "broadcast_object", "gather_objects", "barrier", "wrap_ddp", "is_ddp"]
+__all__ = ["DistInfo", "init_distributed", "local_device", "all_reduce_sum_", "all_reduce_grads_",
+           "broadcast_params_", "broadcast_object", "gather_objects", "barrier", "wrap_ddp", "is_ddp"]
 
 _BUCKET_ELEMENTS = 1 << 24   # 16M floats (64 MB) per all-reduce: few calls, bounded extra memory
 _TIMEOUT = datetime.timedelta(hours=1)  # rank 0 may evaluate FID while the others wait
@@ -67,6 +67,12 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def local_device(device: str | None = None) -> torch.device:
+    """The device this process computes on (`device`, else cuda:LOCAL_RANK when CUDA exists, else cpu); joins
+    nothing."""
+    return _pick_device(device, int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
