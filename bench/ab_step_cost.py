@@ -99,7 +99,8 @@ def main(repo_a, repo_b, net, batch, repeats, rounds, one):
         ratios = [y["step"] / x["step"] for x, y in zip(a, b)]
         mem = [y["peak_mib_per_sample"] / x["peak_mib_per_sample"] for x, y in zip(a, b)]
         print(f"| {kind} | {statistics.median(x['step'] for x in a):.3f} "
-              f"| {statistics.median(y['step'] for y in b):.3f} | {', '.join(f'{v:.3f}' for v in ratios)} | {statistics.median(ratios):.3f} "
+              f"| {statistics.median(y['step'] for y in b):.3f} | {', '.join(f'{v:.3f}' for v in ratios)} "
+              f"| {statistics.median(ratios):.3f} "
               f"| {statistics.median(x['peak_mib_per_sample'] for x in a):.0f} "
               f"| {statistics.median(y['peak_mib_per_sample'] for y in b):.0f} | {statistics.median(mem):.3f} |")
     print(f"\n{net}, batch {batch}, LPIPS, fp32, {repeats} timed steps after 1 warm-up per process, {rounds} rounds "
