@@ -92,8 +92,9 @@ def train(config: TrainConfig, method: Method, student: Union[torch.nn.Module, D
     -> {'metrics': {...}, 'primary': name, 'mode': 'min'|'max'}` runs on every process every `eval_every`
     steps (a distributed evaluator such as `pid.metrics.evaluate.make_evaluator` splits its seeds across them).
     SIGINT/SIGTERM save a training state and return normally with `.interrupted` set (see TrainResult). The
-    main process holds the run directory's lock (pid.training.lock) while it trains. Raises ConfigError for inconsistent options, a
-    resume of another configuration, or a run directory another live trainer owns (RunDirBusy).
+    main process holds the run directory's lock (pid.training.lock) while it trains. Raises ConfigError for
+    inconsistent options, a resume of another configuration, or a run directory another live trainer owns
+    (RunDirBusy).
     """
     dist = D.init_distributed(config.device)
     lock = None
