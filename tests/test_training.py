@@ -54,15 +54,20 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------------------------- DDP
-@pytest.mark.parametrize("grad_sync,wrapper", [("ddp", "_DDP"), ("manual", "ToyStudent")])
-def test_two_process_step_equals_single_process_step(tmp_path, grad_sync, wrapper):
+@pytest.mark.parametrize("grad_sync,compile,wrapper", [("ddp", False, "_DDP"), ("manual", False, "ToyStudent"),
+                                                      ("ddp", True, "OptimizedModule")])
+def test_two_process_step_equals_single_process_step(tmp_path, monkeypatch, grad_sync, compile, wrapper):
+    from pid.training import fast
+    monkeypatch.setattr(fast, "COMPILE_OPTIONS", {"backend": "eager"})   # the forked children inherit it
     overrides = dict(steps=2, batch=8, batch_gpu=2, snap=2)
     single = train(toy_config(str(tmp_path / "single"), **overrides), ToyMethod(), ToyStudent())
     # fork: the children reuse the imported modules (spawn would re-import torch, ~10 s on 2 busy cores)
     types = str(tmp_path / "types.txt")
-    mp.start_processes(ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), {**overrides, "grad_sync": grad_sync},
-                                         types), nprocs=2, join=True, start_method="fork")
-    assert open(types).read() == wrapper   # DDP (with no_sync in the first of 2 rounds), or the manual all-reduce
+    more = {"grad_sync": grad_sync, "compile": compile}
+    mp.start_processes(ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), {**overrides, **more}, types),
+                       nprocs=2, join=True, start_method="fork")
+    # DDP (no_sync in the first of 2 rounds), the manual all-reduce, or torch.compile of the DDP wrapper
+    assert open(types).read() == wrapper
     ddp_run = glob.glob(str(tmp_path / "ddp" / "*"))
     assert len(ddp_run) == 1, "both ranks must share one run directory"
     a, b = final_state(single), final_state(ddp_run[0])
@@ -338,9 +343,9 @@ def test_cuda_paths(tmp_path, precision):
     assert os.path.exists(os.path.join(run_dir, "samples-0000003.png"))
 
 
-def test_compile_option_compiles_in_place_and_keeps_checkpoints(tmp_path, monkeypatch):
-    """--compile: Module.compile() in place (state_dict keys unchanged), eval copies run eagerly. The 'eager'
-    backend exercises dynamo's capture without a C++ compiler; inductor's kernels are for the GPU check."""
+def test_compile_option_keeps_checkpoints_and_results(tmp_path, monkeypatch):
+    """--compile: the method calls the compiled network, checkpoints keep their keys, grids run eagerly. The
+    'eager' backend exercises dynamo's capture without a C++ compiler; inductor's kernels are for the GPU check."""
     from pid.training import fast
     monkeypatch.setattr(fast, "COMPILE_OPTIONS", {"backend": "eager"})
     from torch._dynamo.utils import counters

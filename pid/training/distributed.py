@@ -27,7 +27,7 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["DistInfo", "init_distributed", "local_device", "all_reduce_sum_", "all_reduce_grads_",
-           "broadcast_params_", "broadcast_object", "gather_objects", "barrier", "wrap_ddp", "is_ddp"]
+           "broadcast_params_", "broadcast_object", "gather_objects", "barrier", "wrap_ddp"]
 
 _BUCKET_ELEMENTS = 1 << 24   # 16M floats (64 MB) per all-reduce: few calls, bounded extra memory
 _TIMEOUT = datetime.timedelta(hours=1)  # rank 0 may evaluate FID while the others wait
@@ -182,11 +182,6 @@ def wrap_ddp(module: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
                gradient_as_bucket_view=True)
     ddp.register_comm_hook(None, _sum_hook)
     return ddp
-
-
-def is_ddp(module: torch.nn.Module) -> bool:
-    """True for a module returned wrapped by `wrap_ddp`."""
-    return isinstance(module, DistributedDataParallel)
 
 
 def barrier() -> None:

@@ -1,26 +1,25 @@
-"""The trainer's speed options (GPU fast paths), applied to the networks in place.
+"""The trainer's speed options (GPU fast paths), applied to the networks.
 
 - `attention='sdpa'`: every EDM UNetBlock computes attention with `scaled_dot_product_attention` (fused
   flash / memory-efficient kernels on CUDA) instead of EDM's float32 AttentionOp (`edm_networks.set_attention`).
 - `channels_last`: parameters of 4-D convolutions in NHWC order, which cuDNN's tensor-core kernels prefer for
   fp16/bf16; activations follow the weights.
-- `compile`: `Module.compile()` (in place, so state_dict keys keep their names) on the trainable networks and
-  the teacher.
+- `compile`: `torch.compile` of what the method calls for each trainable network (the bare network keeps its
+  state_dict keys and stays eager for grids and evaluation), and `Module.compile()` of the teacher in place.
 Off (the defaults), nothing here touches a network. The teacher of a method that differentiates it in forward
 mode (`method.teacher_forward_ad`, moment matching's Algorithm 3) keeps EDM's attention and is not compiled:
 SDPA has no forward-mode derivative on every backend.
 """
 
-import copy
 from typing import Dict, List
 
 import torch
 
 from pid.training.config import TrainConfig
 
-__all__ = ["prepare_networks", "frozen_modules", "compile_module", "uncompiled_copy", "COMPILE_OPTIONS"]
+__all__ = ["prepare_networks", "frozen_modules", "compiled", "COMPILE_OPTIONS"]
 
-# Keyword arguments of every Module.compile() call (tests use {'backend': 'eager'}: no C++ compiler needed).
+# Keyword arguments of every torch.compile call (tests use {'backend': 'eager'}: no C++ compiler needed).
 COMPILE_OPTIONS: dict = {}
 
 
@@ -42,17 +41,7 @@ def prepare_networks(nets: Dict[str, torch.nn.Module], method, config: TrainConf
             module.to(memory_format=torch.channels_last)
 
 
-def compile_module(module: torch.nn.Module) -> torch.nn.Module:
-    """`module.compile()` in place (same module, same state_dict keys); returns it."""
-    module.compile(**COMPILE_OPTIONS)
-    return module
-
-
-def uncompiled_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of `module` that runs eagerly (a compiled module's wrapper is not copied)."""
-    compiled = module.__dict__.pop("_compiled_call_impl", None)
-    try:
-        return copy.deepcopy(module)
-    finally:
-        if compiled is not None:
-            module.__dict__["_compiled_call_impl"] = compiled
+def compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile(module)`: a wrapper that runs the compiled graph; `module` itself (its state_dict keys, its
+    deep copies for grids and evaluation) stays eager."""
+    return torch.compile(module, **COMPILE_OPTIONS)

@@ -3,7 +3,9 @@
 One optimizer step, in order (see `Trainer.train_step`):
   1. for each accumulation round r of this process: seed the micro-batch generator from (seed, step, slot),
      run `method.loss` under autocast, backward `sum(loss_i) / global_batch` (scaled by the GradScaler for fp16);
-  2. sum gradients and logged scalars over processes;
+     with several processes the rounds before the last run under DDP's `no_sync()`, and the last round's
+     backward sums the gradients over processes bucket by bucket as they become ready (distributed.py);
+  2. sum logged scalars over processes (and the gradients, with `grad_sync='manual'`);
   3. unscale, measure the global gradient norm; if the loss or the norm is not finite, skip the step (weights,
      optimizer state and EMAs untouched; fp16's loss scale is lowered);
   4. otherwise clip, step the optimizer, update the loss scale and the EMAs.
@@ -24,6 +26,7 @@ that step `step` updates. The network named `method.export` is the one sampled, 
 """
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -87,7 +90,7 @@ class Trainer:
         if hasattr(method, "to"):
             method.to(self.device)
         fast.prepare_networks(self.nets, method, config)   # before the gradients exist: they follow the layout
-        self.params, self.optimizers, self.scalers, self.train_nets = {}, {}, {}, {}
+        self.params, self.optimizers, self.scalers, self.train_nets, self.ddp = {}, {}, {}, {}, {}
         ddp = config.grad_sync == "ddp" and dist.distributed
         for name, net in self.nets.items():
             if not ddp:
@@ -97,15 +100,16 @@ class Trainer:
             # tensors even when a method leaves some parameter unused in a micro-batch.
             for p in self.params[name]:
                 p.grad = torch.zeros_like(p)
-            # What the method calls: the DDP wrapper (or the network); checkpoints and EMAs use `self.nets`.
-            self.train_nets[name] = D.wrap_ddp(net, dist) if ddp else net
-            if config.compile:
-                fast.compile_module(self.train_nets[name])
+            # What the method calls: the network, wrapped by DDP, compiled (on top of DDP, so that dynamo splits
+            # the graph at bucket boundaries); checkpoints, EMAs and grids use the bare `self.nets`.
+            self.ddp[name] = D.wrap_ddp(net, dist) if ddp else None
+            call = self.ddp[name] if ddp else net
+            self.train_nets[name] = fast.compiled(call) if config.compile else call
             self.optimizers[name] = make_optimizer(self.params[name], config)
             self.scalers[name] = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         if config.compile:
             for module in fast.frozen_modules(method):
-                fast.compile_module(module)
+                module.compile(**fast.COMPILE_OPTIONS)   # in place: the method holds it
         ema_names = getattr(method, "ema_networks", None) or (self.export_name,)
         self.ema_sets = {n: EMAs(self.nets[n], config.ema) for n in ema_names} if dist.is_main else {}
         self.emas = self.ema_sets.get(self.export_name)
@@ -128,9 +132,9 @@ class Trainer:
         amp = self.config.precision in _AMP_DTYPES
         with contextlib.ExitStack() as no_sync:
             # DDP all-reduces in the backward of the last round only, and only the phase's network.
-            for name, net in self.train_nets.items():
-                if D.is_ddp(net) and (name != phase or round_index < rounds - 1):
-                    no_sync.enter_context(net.no_sync())
+            for name, ddp in self.ddp.items():
+                if ddp is not None and (name != phase or round_index < rounds - 1):
+                    no_sync.enter_context(ddp.no_sync())
             with torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(self.config.precision), enabled=amp):
                 if self.multi:
                     ctx = MicroBatch(self.step, phase, slot, self.step * self.config.batch + slot * micro)
@@ -159,7 +163,7 @@ class Trainer:
             for k, v in stats.items():  # summed on the device: no sync inside the accumulation loop
                 v = torch.as_tensor(v, device=self.device).detach().float()
                 stat_sums[k] = stat_sums[k] + v if k in stat_sums else v
-        if not D.is_ddp(self.train_nets[phase]):
+        if self.ddp[phase] is None:
             D.all_reduce_grads_(params)   # --grad-sync=manual (a no-op in one process)
         keys = sorted(stat_sums)
         local = [loss_sum, torch.tensor(float(self._signal_received), device=self.device)]
@@ -284,7 +288,7 @@ class Trainer:
         EMAs live on the main process; `shared=True` (a collective call) broadcasts the weights so that every
         process holds them (evaluation is split across processes)."""
         if self._eval_module is None:
-            self._eval_module = fast.uncompiled_copy(self.student).eval().requires_grad_(False)
+            self._eval_module = copy.deepcopy(self.student).eval().requires_grad_(False)
             for p in self._eval_module.parameters():
                 p.grad = None   # deepcopy copied the training gradients; the copy never needs them
         if self.dist.is_main:
