@@ -64,7 +64,7 @@ def _run(cmd: list, cwd: str) -> dict:
 
 
 @click.command()
-@click.option("--a", "repo_a", required=True, help="Checkout A (the baseline), e.g. ../main")
+@click.option("--a", "repo_a", default=None, help="Checkout A (the baseline), e.g. ../main  [required]")
 @click.option("--b", "repo_b", default=".", help="Checkout B (the change)")
 @click.option("--net", type=click.Choice(["cifar10", "imagenet64"]), default="cifar10")
 @click.option("--batch", type=int, default=4)
@@ -76,6 +76,8 @@ def main(repo_a, repo_b, net, batch, repeats, rounds, one):
     if one:
         print(json.dumps(trainer_step(one, net, batch, repeats)))
         return
+    if repo_a is None:
+        raise click.UsageError("give --a, the baseline checkout")
     repos = {"A": os.path.abspath(repo_a), "B": os.path.abspath(repo_b)}
     results = {(kind, k): [] for kind in ("parts", "trainer") for k in repos}
     for r in range(rounds):
