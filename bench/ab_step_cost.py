@@ -5,7 +5,9 @@ Two measurements per checkout and round, each in a fresh process (peak memory mu
   trainer  `pid.training.loop.Trainer.train_step()` of that checkout: the whole optimizer step (autocast off,
            RAdam, three EMAs), i.e. everything the trainer adds, with the speed options at their defaults.
 The checkouts alternate (A, B, A, B, ...) so that a change in the machine's load hits both; the table gives each
-round's B/A ratio of step time and peak memory per sample, and their medians.
+round's B/A ratio of step time and peak memory per sample, and their medians. On a machine shared with other jobs
+wall time swings by tens of percent; CPU time (of the timed steps for `trainer`, of the whole process, model
+building included, for `parts`) is much steadier and is given beside it.
 
     python bench/ab_step_cost.py --a=../main --b=. --rounds=2           # CIFAR-10 DDPM++, batch 4, LPIPS, fp32
 """
@@ -50,17 +52,23 @@ def trainer_step(repo: str, net: str, batch: int, repeats: int) -> dict:
         trainer = Trainer(config, method, student, dist, tmp, {}, None)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         trainer.train_step()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(repeats):
             trainer.train_step()
-        step = (time.perf_counter() - t0) / repeats
+        step, cpu = (time.perf_counter() - t0) / repeats, (time.process_time() - c0) / repeats
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"step": step, "peak_mib_per_sample": peak / batch / 2 ** 20, "threads": torch.get_num_threads()}
+    return {"step": step, "cpu": cpu, "peak_mib_per_sample": peak / batch / 2 ** 20,
+            "threads": torch.get_num_threads()}
 
 
 def _run(cmd: list, cwd: str) -> dict:
+    """The JSON line the command prints, plus `process_cpu`: the child's whole CPU time (build included)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=cwd)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["process_cpu"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return row
 
 
 @click.command()
@@ -91,18 +99,22 @@ def main(repo_a, repo_b, net, batch, repeats, rounds, one):
                            f"--repeats={repeats}", f"--one-trainer={repo}"]
                 results[(kind, k)].append(_run(cmd, repo))
                 row = results[(kind, k)][-1]
-                print(f"round {r} {kind} {k}: step {row['step']:.3f} s, "
+                cpu = row.get("cpu", row["process_cpu"])
+                print(f"round {r} {kind} {k}: step {row['step']:.3f} s, CPU {cpu:.3f} s, "
                       f"peak {row['peak_mib_per_sample']:.0f} MiB/sample", file=sys.stderr, flush=True)
-    print(f"| measurement | A step (s) | B step (s) | B/A time per round | B/A time, median | A MiB/sample | "
-          f"B MiB/sample | B/A memory, median |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| measurement | A step (s) | B step (s) | B/A time per round | B/A time, median | B/A CPU time per round "
+          f"| B/A CPU time, median | A MiB/sample | B MiB/sample | B/A memory, median |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for kind in ("parts", "trainer"):
         a, b = results[(kind, "A")], results[(kind, "B")]
         ratios = [y["step"] / x["step"] for x, y in zip(a, b)]
+        key = "cpu" if kind == "trainer" else "process_cpu"
+        cpu = [y[key] / x[key] for x, y in zip(a, b)]
         mem = [y["peak_mib_per_sample"] / x["peak_mib_per_sample"] for x, y in zip(a, b)]
         print(f"| {kind} | {statistics.median(x['step'] for x in a):.3f} "
               f"| {statistics.median(y['step'] for y in b):.3f} | {', '.join(f'{v:.3f}' for v in ratios)} "
-              f"| {statistics.median(ratios):.3f} "
+              f"| {statistics.median(ratios):.3f} | {', '.join(f'{v:.3f}' for v in cpu)} "
+              f"| {statistics.median(cpu):.3f} "
               f"| {statistics.median(x['peak_mib_per_sample'] for x in a):.0f} "
               f"| {statistics.median(y['peak_mib_per_sample'] for y in b):.0f} | {statistics.median(mem):.3f} |")
     print(f"\n{net}, batch {batch}, LPIPS, fp32, {repeats} timed steps after 1 warm-up per process, {rounds} rounds "
