@@ -4,7 +4,7 @@ Two measurements per checkout and round, each in a fresh process (peak memory mu
   parts    `bench/pid_step_cost.py --one` of that checkout: student fwd+bwd on 2B, teacher, LPIPS (no trainer);
   trainer  `pid.training.loop.Trainer.train_step()` of that checkout: the whole optimizer step (autocast off,
            RAdam, three EMAs), i.e. everything the trainer adds, with the speed options at their defaults.
-The checkouts alternate (A, B, A, B, ...) so that a change in the machine's load hits both; the table gives each
+The checkouts alternate (A, B, then B, A, ...) so that a change in the machine's load hits both; the table gives each
 round's B/A ratio of step time and peak memory per sample, and their medians. On a machine shared with other jobs
 wall time swings by tens of percent; CPU time (of the timed steps for `trainer`, of the whole process, model
 building included, for `parts`) is much steadier and is given beside it.
@@ -78,8 +78,9 @@ def _run(cmd: list, cwd: str) -> dict:
 @click.option("--batch", type=int, default=4)
 @click.option("--repeats", type=int, default=2, help="Timed steps per process after one warm-up")
 @click.option("--rounds", type=int, default=2, help="A/B alternations per measurement")
+@click.option("--only", type=click.Choice(["parts", "trainer"]), default=None, help="One of the two measurements")
 @click.option("--one-trainer", "one", default=None, hidden=True, help="Measure the trainer step of this checkout")
-def main(repo_a, repo_b, net, batch, repeats, rounds, one):
+def main(repo_a, repo_b, net, batch, repeats, rounds, only, one):
     """Print a markdown table of B/A step-time and peak-memory ratios."""
     if one:
         print(json.dumps(trainer_step(one, net, batch, repeats)))
@@ -87,10 +88,12 @@ def main(repo_a, repo_b, net, batch, repeats, rounds, one):
     if repo_a is None:
         raise click.UsageError("give --a, the baseline checkout")
     repos = {"A": os.path.abspath(repo_a), "B": os.path.abspath(repo_b)}
-    results = {(kind, k): [] for kind in ("parts", "trainer") for k in repos}
+    kinds = (only,) if only else ("parts", "trainer")
+    results = {(kind, k): [] for kind in kinds for k in repos}
     for r in range(rounds):
-        for kind in ("parts", "trainer"):
-            for k, repo in repos.items():
+        for kind in kinds:
+            for k in ("A", "B") if r % 2 == 0 else ("B", "A"):   # odd rounds start with B: no order bias
+                repo = repos[k]
                 if kind == "parts":
                     cmd = [sys.executable, os.path.join(repo, "bench", "pid_step_cost.py"), f"--nets={net}",
                            f"--batch={batch}", "--distance=lpips", f"--repeats={repeats}", "--one"]
@@ -105,7 +108,7 @@ def main(repo_a, repo_b, net, batch, repeats, rounds, one):
     print(f"| measurement | A step (s) | B step (s) | B/A time per round | B/A time, median | B/A CPU time per round "
           f"| B/A CPU time, median | A MiB/sample | B MiB/sample | B/A memory, median |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for kind in ("parts", "trainer"):
+    for kind in kinds:
         a, b = results[(kind, "A")], results[(kind, "B")]
         ratios = [y["step"] / x["step"] for x, y in zip(a, b)]
         key = "cpu" if kind == "trainer" else "process_cpu"
@@ -118,7 +121,7 @@ def main(repo_a, repo_b, net, batch, repeats, rounds, one):
               f"| {statistics.median(x['peak_mib_per_sample'] for x in a):.0f} "
               f"| {statistics.median(y['peak_mib_per_sample'] for y in b):.0f} | {statistics.median(mem):.3f} |")
     print(f"\n{net}, batch {batch}, LPIPS, fp32, {repeats} timed steps after 1 warm-up per process, {rounds} rounds "
-          f"A,B alternating; A = {repos['A']}, B = {repos['B']}; threads: {results[('parts', 'A')][0]['threads']}")
+          f"A,B alternating; A = {repos['A']}, B = {repos['B']}; threads: {results[(kinds[0], 'A')][0]['threads']}")
 
 
 if __name__ == "__main__":
