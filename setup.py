@@ -21,5 +21,5 @@ setup(
         "scipy",
         "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "piq"]},  # piq: the PID reference's LPIPS (tests/test_distances.py)
 )

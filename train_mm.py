@@ -60,6 +60,9 @@ def build_run(opts: dict):
 @click.option("--sigma-floor", type=float, default=None, help="edm-bounded: w constant below this σ  [default: 0.1]")
 @click.option("--force-t1", type=bool, default=None, help="Train every sample from t = 1 (one-step variant)  [default: false]")
 @click.option("--aux-lr-mult", type=float, default=None, help="Auxiliary denoiser's lr / the generator's  [default: 1]")
+@click.option("--mixture-adjust", type=bool, default=None,
+              help="Built-in teachers: both networks also get σ-dependent mixture weights, sharpness and spread "
+                   "(zero at start); ignored for EDM teachers  [default: true]")
 @click.option("--student-preset", default=None, help="Residual network for built-in teachers  [default: glyphs<resolution>]")
 @click.option("--preconditioner", type=click.Choice(PRECONDITIONERS), default=None,
               help="Algorithm 3's Λ: adam (online EMA of squared teacher gradients; EDM pickles carry no optimizer "

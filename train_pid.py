@@ -34,9 +34,10 @@ def build_run(opts: dict):
     pcfg = pid_config_from(opts)
     config = train_config_from(opts, _default_desc(opts))
     distance = DistanceConfig(name=pcfg.loss, huber_c=pcfg.huber_c, lpips_resize=pcfg.lpips_resize,
-                              lpips_vgg=pcfg.lpips_vgg)
+                              lpips_vgg=pcfg.lpips_vgg, lpips_pool=pcfg.lpips_pool)
     teacher = load_teacher(pcfg.teacher)
-    method = PIDObjective(teacher, pcfg.discretization, distance, pcfg.sigma_min, pcfg.sigma_max, pcfg.rho)
+    method = PIDObjective(teacher, pcfg.discretization, distance, pcfg.sigma_min, pcfg.sigma_max, pcfg.rho,
+                          residual_precision=pcfg.residual_precision)
     student = student_from_teacher(teacher, pcfg.teacher, pcfg.student_preset, method.sigma_min, method.sigma_max,
                                    seed=config.seed)
     evaluate = training_evaluator(teacher, config, pcfg)
@@ -60,7 +61,13 @@ def build_run(opts: dict):
               help="Distance of the PID residual  [default: l2; presets lpips]")
 @click.option("--huber-c", type=float, default=None, help="pseudo-Huber c  [default: 0.00054·sqrt(C·H·W)]")
 @click.option("--lpips-resize", type=int, default=None, help="Bilinear resize before LPIPS (0 = none)  [default: 224]")
+@click.option("--lpips-pool", type=click.Choice(["avg", "max"]), default=None,
+              help="VGG16 pooling of LPIPS: avg = the PID reference's (piq), max = the lpips package's  [default: avg]")
 @click.option("--lpips-vgg", default=None, help="torchvision VGG16 weights file for LPIPS  [default: torchvision cache]")
+@click.option("--residual-precision", type=click.Choice(["fp32", "amp"]), default=None,
+              help="Under --precision=fp16|bf16: fp32 = the student and the finite difference in fp32 (accurate), "
+                   "amp = the student under autocast too (the reference; rounding amplified by t/(t-t'))  "
+                   "[default: fp32]")
 @train_options(DEFAULT_RECIPE)
 @user_errors
 def main(preset, dry_run, **given):

@@ -1,7 +1,9 @@
 """GPU check: the numbers a GPU owner records in BENCHMARKS.md, from one command (under 5 minutes on one GPU).
 
 For the CIFAR-10 (DDPM++, 56M parameters) and ImageNet-64 (ADM, 296M) PID configurations, with random weights
-(speed does not depend on the values) and the recipes' per-GPU batches (64 and 32) and LPIPS distance:
+(speed does not depend on the values), the recipes' per-GPU batches (64 and 32), LPIPS (average-pooled, as the
+presets) and, by default, the student and its finite difference in fp32 under fp16/bf16 (the recipes'
+`--residual-precision=fp32`; `--residual-precision=amp` puts them under autocast too):
   1. the trainer's real optimizer step (pid.training.loop.Trainer.train_step: autocast, GradScaler, RAdam, three
      EMAs) in fp32 / fp16 / bf16, without and with the fast paths (--attention=sdpa --channels-last=true, and
      --compile=true on the bf16 rows): images/s, peak GPU memory (total and per sample), and MFU = FLOPs of one
@@ -46,7 +48,8 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
     return next((peaks[precision] for key, peaks in PEAK_TFLOPS if key in name), None)
 
 
-def build_trainer(net: str, batch: int, precision: str, fast: dict, device: torch.device, tmp: str, tiny: bool):
+def build_trainer(net: str, batch: int, precision: str, fast: dict, device: torch.device, tmp: str, tiny: bool,
+                  residual_precision: str = "fp32"):
     """A Trainer for a PID run of network `net` (random weights, seed 0), ready for `train_step()`."""
     import edm_networks
     from pid.distances import DistanceConfig, write_random_vgg16
@@ -65,7 +68,7 @@ def build_trainer(net: str, batch: int, precision: str, fast: dict, device: torc
     else:
         vgg = os.path.join(tmp, "vgg16.pth")
         distance = DistanceConfig("lpips", lpips_vgg=vgg if os.path.exists(vgg) else write_random_vgg16(vgg))
-    method = PIDObjective(teacher, 250, distance)
+    method = PIDObjective(teacher, 250, distance, residual_precision=residual_precision)
     config = TrainConfig(outdir=tmp, steps=10 ** 6, batch=batch, lr=1e-4, optimizer="radam", precision=precision,
                          device=str(device), **fast)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
@@ -122,7 +125,7 @@ def step_table(args, device, tmp) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for net in args["nets"]:
         batch = args["batch"] or NETS.get(net, (None, 4))[1]
-        trainer = build_trainer(net, batch, "fp32", {}, device, tmp, args["tiny"])
+        trainer = build_trainer(net, batch, "fp32", {}, device, tmp, args["tiny"], args["residual_precision"])
         flops = step_flops(trainer)
         del trainer
         release(device)
@@ -131,7 +134,8 @@ def step_table(args, device, tmp) -> None:
             if args["compile"] == "all" or (args["compile"] == "bf16" and precision == "bf16"):
                 variants.append(("sdpa+channels_last+compile", {**FAST, "compile": True}))
             for label, fast in variants:
-                trainer = build_trainer(net, batch, precision, fast, device, tmp, args["tiny"])
+                trainer = build_trainer(net, batch, precision, fast, device, tmp, args["tiny"],
+                                        args["residual_precision"])
                 warmup = args["warmup"] + (3 if fast.get("compile") else 0)
                 seconds, peak = time_steps(trainer, warmup, args["steps"], device)
                 del trainer
@@ -149,7 +153,7 @@ def loss_agreement(args, device, tmp) -> None:
     batch = args["batch"] or NETS.get(net, (None, 4))[1]
     losses = {}
     for precision in ("fp32", "fp16"):
-        trainer = build_trainer(net, batch, precision, {}, device, tmp, args["tiny"])
+        trainer = build_trainer(net, batch, precision, {}, device, tmp, args["tiny"], args["residual_precision"])
         losses[precision] = [trainer.train_step()["loss"] for _ in range(args["agreement_steps"])]
         del trainer
         release(device)
@@ -221,7 +225,10 @@ def rate(fn, batch: int, repeats: int, device: torch.device) -> float:
 @click.option("--agreement-steps", type=int, default=20)
 @click.option("--sample-batch", type=int, default=256)
 @click.option("--peak-tflops", type=float, default=None, help="The device's peak for MFU  [default: from its name]")
-def main(device, tiny, nets, precisions, batch, steps, warmup, compile, agreement_steps, sample_batch, peak_tflops):
+@click.option("--residual-precision", type=click.Choice(["fp32", "amp"]), default="fp32",
+              help="PID's student under fp16/bf16: in fp32 (the recipes' default) or under autocast")
+def main(device, tiny, nets, precisions, batch, steps, warmup, compile, agreement_steps, sample_batch, peak_tflops,
+         residual_precision):
     """Print the GPU check's tables (markdown) for BENCHMARKS.md."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -232,9 +239,9 @@ def main(device, tiny, nets, precisions, batch, steps, warmup, compile, agreemen
         agreement_steps, sample_batch = min(agreement_steps, 3), min(sample_batch, 4)
     args = dict(nets=nets.split(","), precisions=precisions.split(","), batch=batch, steps=steps, warmup=warmup,
                 compile=compile, agreement_steps=agreement_steps, sample_batch=sample_batch, peak_tflops=peak_tflops,
-                tiny=tiny)
+                tiny=tiny, residual_precision=residual_precision)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"gpu_check on {name}, torch {torch.__version__}\n")
+    print(f"gpu_check on {name}, torch {torch.__version__}, PID residual precision {residual_precision}\n")
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         step_table(args, device, tmp)

@@ -129,6 +129,7 @@ def check_output_file(path: str, option: str, extensions: Sequence[str]) -> None
 # TrainConfig fields that a training script's options set one to one.
 TRAIN_FIELDS = ("outdir", "steps", "batch", "batch_gpu", "lr", "optimizer", "betas", "eps", "weight_decay", "warmup",
                 "lr_schedule", "grad_clip", "precision", "ema", "default_ema", "seed", "snap", "keep_states",
+                "keep_students", "snap_emas",
                 "grid_every", "grid_seeds", "log_every", "eval_every", "resume", "device", "desc", "attention",
                 "channels_last", "compile", "grad_sync")
 
@@ -215,6 +216,10 @@ def train_options(recipe: dict):
                      help="Random seed (noise, data order, init)  [default: 0]"),
         click.option("--snap", type=int, default=None, help="Steps between student/state snapshots"),
         click.option("--keep-states", type=int, default=None, help="Training states kept (0 = all)  [default: 2]"),
+        click.option("--keep-students", type=int, default=None,
+                     help="Student snapshots student-<step>.pt kept, newest first (0 = all)  [default: 0]"),
+        click.option("--snap-emas", type=click.Choice(["default", "all"]), default=None,
+                     help="Weights in student snapshots: the default EMA, or all EMAs  [default: default]"),
         click.option("--grid-every", type=int, default=None, help="Steps between sample grids (0 = never)"),
         click.option("--grid-seeds", type=int, default=None, help="Seeds in the sample grid"),
         click.option("--log-every", type=int, default=None, help="Steps between log lines"),

@@ -2,6 +2,14 @@
 
 Distances `l2`, `l1`, `pseudo-huber` and `lpips` (VGG) map two image batches in [-1, 1] of shape [B, C, H, W]
 to per-sample distances [B] (float32). LPIPS is imported lazily so that `import pid` stays light.
+
+LPIPS comes in two variants that differ only in VGG16's pooling (`lpips_pool`):
+  avg  the PID reference's: piq's `LPIPS(replace_pooling=True)`, every MaxPool2d of VGG16 replaced by an
+       AvgPool2d(2, 2). piq's input mapping ((x+1)/2, then ImageNet mean/std) is the same affine map as the
+       `lpips` package's scaling layer (shift 2·mean − 1, scale 2·std), and its per-layer channel normalisation,
+       squared difference, linear weights, spatial mean and sum over layers are those of LPIPS v0.1.
+  max  the `lpips` package's LPIPS (VGG16 as trained, max pooling).
+The two give different losses and gradients (BENCHMARKS.md, PID (d)).
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ from torch import nn
 
 from pid.errors import CheckpointError, ConfigError, DownloadError
 
-__all__ = ["DistanceConfig", "DISTANCES", "make_distance", "LPIPSDistance", "load_vgg16_features", "write_random_vgg16",
+__all__ = ["DistanceConfig", "DISTANCES", "LPIPS_POOLS", "make_distance", "LPIPSDistance", "load_vgg16_features", "write_random_vgg16",
            "l2_distance", "l1_distance", "pseudo_huber_distance"]
 
 DISTANCES = ("lpips", "l2", "l1", "pseudo-huber")
+LPIPS_POOLS = ("avg", "max")
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -32,12 +41,14 @@ class DistanceConfig:
     name: one of DISTANCES. huber_c: pseudo-Huber c; None → 0.00054·sqrt(C·H·W) (the value used by improved
     consistency training, scaled with the image size). lpips_resize: side length images are bilinearly resized to
     before LPIPS (224 as the reference; 0 = no resize). lpips_vgg: path of a torchvision VGG16 state dict
-    (`vgg16-397923af.pth`); None → torchvision's cache, downloading it if possible.
+    (`vgg16-397923af.pth`); None → torchvision's cache, downloading it if possible. lpips_pool: VGG16's pooling,
+    'avg' (the PID reference's LPIPS, piq with replace_pooling=True) or 'max' (the `lpips` package's).
     """
     name: str = "l2"
     huber_c: float | None = None
     lpips_resize: int = 224
     lpips_vgg: str | None = None
+    lpips_pool: str = "avg"
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -141,21 +152,35 @@ def _read_vgg16(path: str) -> dict[str, torch.Tensor]:
 
 
 class LPIPSDistance(nn.Module):
-    """LPIPS (the `lpips` package, VGG backbone, linear layers v0.1) on images in [-1, 1].
+    """LPIPS (VGG16 backbone, linear layers v0.1 of the `lpips` package) on images in [-1, 1].
 
-    Images smaller than `resize` are bilinearly upsampled to resize×resize first, as the PID reference does
-    (resize=0 keeps the native size). The backbone and linear weights are frozen.
+    pool='avg' is the PID reference's variant (piq, replace_pooling=True), pool='max' the `lpips` package's (see
+    the module docstring). Images smaller than `resize` are bilinearly upsampled to resize×resize first, as the
+    PID reference does (resize=0 keeps the native size). The backbone and linear weights are frozen.
     """
 
-    def __init__(self, resize: int = 224, vgg_path: str | None = None, download: bool = True):
+    def __init__(self, resize: int = 224, vgg_path: str | None = None, download: bool = True, pool: str = "avg"):
         super().__init__()
+        if pool not in LPIPS_POOLS:
+            raise ConfigError(f"unknown --lpips-pool={pool!r}; choose avg (the PID reference's) or max (the lpips "
+                              f"package's)")
         import lpips  # heavy: imported only when LPIPS is actually requested
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore")
             self.model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # random VGG: no download here
         self._load_backbone(load_vgg16_features(vgg_path, download))
+        if pool == "avg":
+            self._average_pooling()
         self.model.eval().requires_grad_(False)
-        self.resize = int(resize)
+        self.resize, self.pool = int(resize), pool
+
+    def _average_pooling(self) -> None:
+        # Each of slices 2..5 starts with VGG16's 2×2 stride-2 max pool (features.4, 9, 16, 23); the reference
+        # averages instead. pool5 (features.30) follows the last LPIPS layer and is not part of the model.
+        for slice_ in (self.model.net.slice2, self.model.net.slice3, self.model.net.slice4, self.model.net.slice5):
+            for name, layer in list(slice_.named_children()):
+                if isinstance(layer, nn.MaxPool2d):
+                    setattr(slice_, name, nn.AvgPool2d(kernel_size=2, stride=2))
 
     def _load_backbone(self, sd: dict[str, torch.Tensor]) -> None:
         # lpips splits vgg.features into slices whose children keep their original indices as names.
@@ -192,5 +217,5 @@ def make_distance(config: DistanceConfig | str, device: torch.device | str | Non
         c = config.huber_c
         return lambda x, y: pseudo_huber_distance(x, y, c)
     if name == "lpips":
-        return LPIPSDistance(config.lpips_resize, config.lpips_vgg).to(device or "cpu")
+        return LPIPSDistance(config.lpips_resize, config.lpips_vgg, pool=config.lpips_pool).to(device or "cpu")
     raise ConfigError(f"unknown distance {name!r}; choose one of {', '.join(DISTANCES)}")

@@ -82,16 +82,20 @@ class GaussianMixtureTeacher(nn.Module):
         """log π_k(labels) − ‖x − μ_k‖² / (2 var), [N,K]; var [N,1] total variance s² + σ²."""
         return self._prior(class_labels, x.shape[0]) - self._sq_dist(x) / (2 * var)
 
-    def _variance(self, sigma, n: int, device) -> torch.Tensor:
+    def _variance(self, sigma, n: int, device, std=None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device).reshape(-1, 1)
-        return (self.std ** 2 + sigma ** 2).expand(n, 1)
+        return ((self.std if std is None else std) ** 2 + sigma ** 2).expand(n, 1)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """D(x; σ): x [N,C,H,W] noisy images, sigma scalar, [N] or [N,1,1,1]; returns [N,C,H,W] in x's dtype."""
-        var = self._variance(sigma, x.shape[0], x.device)
+    def forward(self, x: torch.Tensor, sigma, class_labels: Optional[torch.Tensor] = None,
+                std: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """D(x; σ): x [N,C,H,W] noisy images, sigma scalar, [N] or [N,1,1,1]; returns [N,C,H,W] in x's dtype.
+
+        std: the component std as a float64 scalar tensor instead of `self.std` (Algorithm 3 differentiates it).
+        """
+        var = self._variance(sigma, x.shape[0], x.device, std)
         w = torch.softmax(self._logits(x, var, class_labels), dim=1)  # softmax subtracts the max: stable
         mean = (w @ self.means.reshape(self.means.shape[0], -1)).reshape(x.shape)
-        shrink = (self.std ** 2 / var).reshape(-1, 1, 1, 1)
+        shrink = (((self.std if std is None else std) ** 2) / var).reshape(-1, 1, 1, 1)
         out = mean + shrink * (x.to(torch.float64) - mean)
         return out.to(x.dtype) if x.is_floating_point() else out
 

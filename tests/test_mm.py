@@ -57,6 +57,33 @@ def test_mixture_residual_starts_exactly_at_the_teacher_and_can_move():
     assert grads, "the zero-initialised output layer must still receive a gradient"
 
 
+def test_mixture_adjust_starts_at_the_teacher_and_spans_other_mixtures():
+    """The σ-dependent corrections start at zero (the exact teacher) and, set by hand at one σ, reproduce the exact
+    denoiser of a mixture with other log-weights and another component std: the family the docs promise."""
+    teacher = tiny_mixture()
+    den, _ = denoiser_from_teacher(teacher, "builtin:tiny", preset="tiny", mixture_adjust=True)
+    x, labels = torch.randn(4, 3, 8, 8) * 1.5, torch.eye(2)[[0, 1, 1, 0]]
+    sigma = torch.full((4,), 0.7)
+    assert torch.equal(den(x, sigma, labels), teacher(x, sigma, labels).float())
+    log_w, std = torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=torch.float64), 0.25
+    other = GaussianMixtureTeacher(teacher.means, teacher.component_labels, std=std, log_weights=log_w, label_dim=2)
+    var, var2 = teacher.std ** 2 + 0.49, std ** 2 + 0.49
+    with torch.no_grad():   # constant corrections through the bias: b = Δ log π, e^γ = var/var', e^h = shrink'/shrink
+        den.adjust.linear.bias.copy_(torch.cat([log_w, torch.tensor([var / var2]).log(),
+                                                torch.tensor([(std ** 2 / var2) / (teacher.std ** 2 / var)]).log()]))
+    torch.testing.assert_close(den(x, sigma, labels), other(x, sigma, labels).float(), rtol=1e-5, atol=1e-5)
+    from pid.methods.mm import build_denoiser
+    g16, spec16 = denoiser_from_teacher(load_teacher("builtin:glyphs16"), "builtin:glyphs16", mixture_adjust=True)
+    with torch.no_grad():
+        g16.adjust.linear.weight.normal_()
+    rebuilt = build_denoiser(spec16)
+    rebuilt.load_state_dict(g16.state_dict())
+    x16, s16 = torch.randn(4, 3, 16, 16), torch.tensor([0.01, 0.3, 4.0, 80.0])
+    labels16 = torch.eye(10)[[0, 3, 5, 9]]
+    assert not torch.equal(g16(x16, s16, labels16), g16.teacher(x16, s16, labels16).float())
+    torch.testing.assert_close(rebuilt(x16, s16, labels16), g16(x16, s16, labels16))
+
+
 def test_loss_weights():
     s = torch.tensor([0.002, 0.05, 0.5, 80.0])
     edm = loss_weight("edm", s)

@@ -256,3 +256,23 @@ def test_builds_only_the_generator_and_rejects_unknown_preconditioners():
     assert set(nets) == {"generator"} and method.phase(0) == method.phase(1) == "generator"
     with pytest.raises(ConfigError, match="preconditioner"):
         build_mm_run(MMConfig(algorithm="parameter", preconditioner="sgd", student_preset="tiny"))
+
+
+def test_mixture_theta_includes_the_component_std_and_sees_too_smooth_samples():
+    """θ of a built-in teacher is (means, log-weights, log std). On samples with no spread around their component
+    means (what a few-step sampler's last call produces), the teacher's loss on them grows with its std, so
+    ∂ℓ/∂ log s > 0: the moment in parameter space sees the missing spread."""
+    from pid.methods.mm.parameter import teacher_parameters
+    teacher = tiny_mixture()
+    module, params, kwargs = teacher_parameters(teacher)
+    assert set(params) == {"teacher.means", "teacher.log_weights", "log_std"}
+    z = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(module(z, torch.tensor([0.3, 2.0]), None), teacher(z, torch.tensor([0.3, 2.0])))
+    gen = torch.Generator().manual_seed(0)
+    comp = torch.randint(0, 4, (256,), generator=gen)
+    x = teacher.means[comp].float()
+    sigma = torch.full((256,), 0.2)
+    z_s = x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=gen)
+    labels = torch.eye(2)[teacher.component_labels[comp]]
+    g = teacher_loss_grad(module, params, kwargs, x, z_s, sigma, labels, torch.ones(256))
+    assert float(g["log_std"]) > 0

@@ -286,3 +286,22 @@ def test_import_edm_networks_is_light():
     code = ("import sys, edm_networks; bad = [m for m in ('pid', 'torchvision', 'lpips') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
+def test_output_layers_run_in_fp32_under_autocast(model_type):
+    """Under autocast the backbone's output layers run in fp32 (as the fp16 U-Nets of guided diffusion keep
+    their `out` layers): the output is float32, and the preconditioner accepts it (EDM's dtype check)."""
+    kw = {"attn_resolutions": [4]} if model_type == "SongUNet" else {"attn_resolutions": [4], "model_channels": 16}
+    net = _tiny(model_type=model_type, **kw).eval()
+    with torch.no_grad():
+        for p in net.model.parameters():   # the output conv is zero-initialised: give it weights
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0]), torch.eye(4)[:2]
+    with torch.no_grad():
+        full = net(x, sigma, labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inner = net.model(x, sigma.log() / 4, class_labels=labels)
+            half = net(x, sigma, labels)
+    assert inner.dtype == half.dtype == torch.float32
+    assert (half - full).abs().max().item() < 0.05 * full.abs().max().item()

@@ -143,3 +143,60 @@ def test_lpips_weights_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(DownloadError, match="vgg16-397923af.pth.*--lpips-vgg.*--loss=l2"):
         load_vgg16_features(None, download=False)
+
+
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_residual_under_autocast_stays_within_rounding_of_fp32(dtype):
+    """On the N = 250 grid (every index once), the residual lhs − rhs under fp16/bf16 autocast stays within a
+    bound derived from the format's unit roundoff u of the fp32 residual; the student under autocast does not.
+
+    Error model: a network evaluated with unit roundoff u returns its output with an rms error of κ·u·rms(out),
+    κ being how many u-sized relative errors survive to the output (measured on one teacher call, and required
+    to be ≤ K = 8 here). The teacher's target is not amplified: κ·u·rms(D) ≤ K·u·rms(D). The student's two
+    outputs enter lhs = X − c·(X − X') with c = t/(t − t') (≤ 46 on this grid), which multiplies their
+    independent errors by up to √2·c. With the student and the difference in fp32 (residual_precision='fp32')
+    that term is at most √2·c_max·K·2^-24·rms(X) (X includes the (t/T)·z term of size up to σ_max = 80), so
+        tolerance = K·u·rms(D) + √2·c_max·K·2^-24·rms(X)      (1.8e-3 for fp16, 9.3e-3 for bf16 here).
+    With the student under autocast ('amp', the reference's fp16 U-Net) the same term has u instead of 2^-24:
+    ~√2·c·κ·u·rms(F), which must exceed 3× the tolerance, so that the bound has teeth.
+    """
+    u, K = UNIT_ROUNDOFF[dtype], 8
+    teacher = tiny_teacher("edm")      # an EDM teacher under autocast: also checks that it runs at all
+    student = student_from_teacher(teacher, "tiny")
+    N = 250
+    n = torch.arange(N)
+    z = torch.randn(N, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 80
+
+    def run(mode, amp):
+        obj = PIDObjective(teacher, N, "l2", 0.002, 80.0, residual_precision=mode)
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=amp):
+            lhs, rhs = obj.residual(student, z, None, n)
+            target = teacher(lhs, obj.grid[n], None)   # one plain teacher call, to measure κ
+        return lhs, rhs, target, obj
+
+    def rms(a):
+        return a.double().square().mean().sqrt().item()
+
+    lhs32, rhs32, target32, obj = run("fp32", False)
+    lhs, rhs, target, _ = run("fp32", True)
+    kappa = rms(target - target32) / (u * rms(target32))
+    assert 0 < kappa <= K, kappa
+    c_max = obj.fd_coef.abs().max().item()
+    assert 40 < c_max < 50   # the amplification of the N = 250 Karras grid
+    with torch.no_grad():
+        x32 = student(z, obj.grid[n])   # X itself (σ_max-sized z term included): its fp32 rounding is amplified
+    tolerance = K * u * rms(rhs32) + math.sqrt(2) * c_max * K * 2.0 ** -24 * rms(x32)
+    err = rms((lhs - rhs) - (lhs32 - rhs32))
+    assert err <= tolerance, (err, tolerance)
+    torch.testing.assert_close(lhs, lhs32, rtol=0, atol=0)   # the student part is exactly the fp32 one
+    lhs_amp, rhs_amp, _, _ = run("amp", True)
+    err_amp = rms((lhs_amp - rhs_amp) - (lhs32 - rhs32))
+    assert err_amp > 3 * tolerance, (err_amp, tolerance)
+
+
+def test_residual_precision_is_checked():
+    with pytest.raises(ConfigError, match="--residual-precision"):
+        PIDObjective(tiny_teacher("edm"), 8, "l2", residual_precision="fp16")

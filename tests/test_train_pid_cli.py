@@ -52,6 +52,7 @@ def test_presets_merge_with_explicit_options():
     lines = dict(line.split(" = ", 1) for line in result.output.strip().splitlines())
     assert lines["lr"] == "0.0003" and lines["batch"] == "2048" and lines["precision"] == "fp16"
     assert lines["loss"] == "lpips" and lines["discretization"] == "250"
+    assert lines["lpips_pool"] == "avg"   # the reference's LPIPS (piq, VGG16 with average pooling)
     assert lines["teacher"].endswith("edm-imagenet-64x64-cond-adm.pkl")
     default = dict(line.split(" = ", 1) for line in run_cli(["--dry-run"]).output.strip().splitlines())
     assert default["teacher"] == "builtin:glyphs16" and default["loss"] in ("l2", "l1", "pseudo-huber")
@@ -62,6 +63,10 @@ def test_presets_merge_with_explicit_options():
                  ["--preset=cifar10", "--rho=3"]):
         merged = dict(line.split(" = ", 1) for line in run_cli([*args, "--dry-run"]).output.strip().splitlines())
         assert float(merged["rho"]) == (3.0 if "--rho=3" in args else 7.0), (args, merged["rho"])
+        assert merged["lpips_pool"] == "avg", args
+    maxpool = dict(line.split(" = ", 1) for line in
+                   run_cli(["--preset=cifar10", "--lpips-pool=max", "--dry-run"]).output.strip().splitlines())
+    assert maxpool["lpips_pool"] == "max"
 
 
 def test_tiny_run_end_to_end_and_resume_checks(tmp_path):

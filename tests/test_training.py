@@ -168,6 +168,37 @@ def test_resume_refuses_other_configuration(tmp_path):
         train(toy_config(str(tmp_path), resume=str(tmp_path)), ToyMethod(), ToyStudent())
 
 
+def test_runs_written_before_a_setting_existed_resume_when_it_cannot_matter():
+    """A run's config.json from before `lpips_pool`/`residual_precision`/`mixture_adjust` existed implies the old
+    behaviour: it resumes when that behaviour cannot change its trajectory, and is refused, naming the setting,
+    when it does."""
+    from pid.training.rundir import config_differences
+
+    def pid_run(loss, precision, **new):
+        extra = {"pid": {"loss": loss, **new}}
+        method = {"name": "pid", "distance": {"name": loss, **({"lpips_pool": new["lpips_pool"]} if new else {})},
+                  **({"residual_precision": new["residual_precision"]} if new else {})}
+        return {"train": {"precision": precision}, "method": method, "extra": extra}
+
+    now = {"lpips_pool": "avg", "residual_precision": "fp32"}
+    assert config_differences(pid_run("l2", "fp32"), pid_run("l2", "fp32", **now)) == []
+    diffs = config_differences(pid_run("lpips", "fp32"), pid_run("lpips", "fp32", **now))
+    assert diffs and all("lpips_pool: 'max' -> 'avg'" in d for d in diffs)
+    assert config_differences(pid_run("lpips", "fp32"), pid_run("lpips", "fp32", lpips_pool="max",
+                                                                 residual_precision="fp32")) == []
+    assert any("residual_precision: 'amp' -> 'fp32'" in d
+               for d in config_differences(pid_run("l2", "fp16"), pid_run("l2", "fp16", **now)))
+
+    def mm_run(kind, **new):
+        return {"train": {"precision": "fp32"}, "method": {"name": "mm"},
+                "extra": {"mm": {"k": 4, **new}, "student": {"denoiser": {"kind": kind, **(
+                    {"adjust": None if kind == "edm" else {"components": 30}} if new else {})}}}}
+
+    assert config_differences(mm_run("edm"), mm_run("edm", mixture_adjust=True)) == []
+    assert any("mixture_adjust: False -> True" in d
+               for d in config_differences(mm_run("mixture-residual"), mm_run("mixture-residual", mixture_adjust=True)))
+
+
 def test_latest_state_skips_a_damaged_file(tmp_path):
     run_dir = train(toy_config(str(tmp_path), steps=4, keep_states=0), ToyMethod(), ToyStudent())
     newest = ckpt.state_path(run_dir, 4)
@@ -192,6 +223,28 @@ def test_mixed_precision_runs_on_cpu(tmp_path, precision, dtype):
     assert len(stats) == 3 and all(s["loss"] is not None for s in stats)
     assert ("loss_scale" in stats[-1]) == (precision == "fp16")
     assert bool(state["scaler"]) == (precision == "fp16")
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns(tmp_path, monkeypatch):
+    import warnings
+    from pid.training import entry
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert entry.cpu_has_bf16(str(info)) is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert entry.cpu_has_bf16(str(info)) is True
+    info.write_text("Features\t: fp asimd sve bf16\n")   # Arm
+    assert entry.cpu_has_bf16(str(info)) is True
+    assert entry.cpu_has_bf16(str(tmp_path / "missing")) is None   # not Linux: unknown, no warning
+    monkeypatch.setattr(entry, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="bf16 on a CPU without bfloat16 units.*many times slower"):
+        entry.warn_slow_precision("bf16", torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entry.warn_slow_precision("fp32", torch.device("cpu"))
+        entry.warn_slow_precision("bf16", torch.device("meta"))   # not a CPU
+        monkeypatch.setattr(entry, "cpu_has_bf16", lambda: None)
+        entry.warn_slow_precision("bf16", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -278,9 +331,29 @@ def test_run_directory_contents(tmp_path):
     best = read_student_checkpoint(os.path.join(run_dir, "student-best.pt"))
     assert best["step"] == 4 and best["best"]["value"] == 3.0
     final = read_student_checkpoint(os.path.join(run_dir, "student-0000006.pt"))
-    assert set(final["emas"]) == {"0.5", "0.9"} and final["default_ema"] == "0.9"
+    assert set(final["emas"]) == {"0.9"} and final["default_ema"] == "0.9"   # --snap-emas=default
+    assert set(best["emas"]) == {"0.9"}
     assert final["spec"] == {"class": "ToyStudent", "width": 4}
     assert all(not k.startswith(".") for k in names), "no temporary files left behind"
+
+
+def test_student_snapshots_hold_all_emas_on_request_and_old_ones_are_pruned(tmp_path):
+    """A student snapshot is a full network per EMA (a CIFAR-10 run with 3 EMAs and 80 snapshots wrote ~54 GB):
+    by default it holds the default EMA only; --snap-emas=all writes them all; --keep-students=K keeps the
+    newest K snapshots (student-best.pt is never pruned)."""
+    run_dir = train(toy_config(str(tmp_path / "all"), steps=6, snap=2, snap_emas="all", keep_students=2,
+                               keep_states=0), ToyMethod(), ToyStudent())
+    assert sorted(ckpt.list_students(run_dir)) == [4, 6] and sorted(ckpt.list_states(run_dir)) == [2, 4, 6]
+    final = read_student_checkpoint(ckpt.student_path(run_dir, 6))
+    assert set(final["emas"]) == {"0.5", "0.9"} and final["default_ema"] == "0.9"
+    torch.testing.assert_close(final["emas"]["0.5"], final_state(run_dir)["emas"]["0.5"])
+    run_dir = train(toy_config(str(tmp_path / "raw"), steps=4, snap=1, default_ema=None), ToyMethod(), ToyStudent())
+    assert sorted(ckpt.list_students(run_dir)) == [1, 2, 3, 4]   # keep_students=0: all kept
+    assert list(read_student_checkpoint(ckpt.student_path(run_dir, 4))["emas"]) == ["raw"]
+    with pytest.raises(ConfigError, match="--snap-emas"):
+        toy_config(str(tmp_path), snap_emas="some").validate()
+    with pytest.raises(ConfigError, match="--keep-students"):
+        toy_config(str(tmp_path), keep_students=-1).validate()
 
 
 # ------------------------------------------------------------------------------- config, EMA, LR

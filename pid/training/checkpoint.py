@@ -17,13 +17,14 @@ import torch
 from pid.errors import CheckpointError
 
 __all__ = ["atomic_save", "write_student_checkpoint", "read_student_checkpoint", "is_student_checkpoint",
-           "write_training_state", "read_training_state", "state_path", "student_path", "list_states",
+           "write_training_state", "read_training_state", "state_path", "student_path", "list_states", "list_students",
            "load_latest_state", "STUDENT_FORMAT", "STATE_FORMAT", "student_weights"]
 
 STUDENT_FORMAT = "pid-student"
 STATE_FORMAT = "pid-training-state"
 VERSION = 1
 _STATE_RE = re.compile(r"^training-state-(\d+)\.pt$")
+_STUDENT_RE = re.compile(r"^student-(\d+)\.pt$")
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -171,9 +172,18 @@ def read_training_state(path: str) -> dict:
 
 def list_states(run_dir: str) -> Dict[int, str]:
     """{step: path} of the training-state files in a run directory (temporary files excluded)."""
+    return _list_numbered(run_dir, "training-state-*.pt", _STATE_RE)
+
+
+def list_students(run_dir: str) -> Dict[int, str]:
+    """{step: path} of the student snapshots `student-<step>.pt` in a run directory (not student-best.pt)."""
+    return _list_numbered(run_dir, "student-*.pt", _STUDENT_RE)
+
+
+def _list_numbered(run_dir: str, pattern: str, regex: "re.Pattern") -> Dict[int, str]:
     found = {}
-    for path in glob.glob(os.path.join(glob.escape(run_dir), "training-state-*.pt")):
-        m = _STATE_RE.match(os.path.basename(path))
+    for path in glob.glob(os.path.join(glob.escape(run_dir), pattern)):
+        m = regex.match(os.path.basename(path))
         if m:
             found[int(m.group(1))] = path
     return dict(sorted(found.items()))
@@ -198,5 +208,6 @@ def student_weights(path: str, ema: Optional[str] = None) -> Tuple[dict, Dict[st
     ckpt = read_student_checkpoint(path)
     name = str(ema) if ema is not None else ckpt["default_ema"]
     if name not in ckpt["emas"]:
-        raise CheckpointError(f"{path} has no EMA {name!r}; available: {', '.join(sorted(ckpt['emas']))}")
+        raise CheckpointError(f"{path} has no EMA {name!r}; available: {', '.join(sorted(ckpt['emas']))} (snapshots "
+                              f"hold the default EMA only unless the run used --snap-emas=all)")
     return ckpt["spec"], ckpt["emas"][name]

@@ -11,12 +11,13 @@ from typing import Optional, Tuple
 
 from pid.errors import ConfigError
 
-__all__ = ["TrainConfig", "ema_name", "trajectory_fields", "OPTIMIZERS", "PRECISIONS", "LR_SCHEDULES", "ATTENTIONS",
-           "GRAD_SYNCS"]
+__all__ = ["TrainConfig", "ema_name", "trajectory_fields", "OPTIMIZERS", "PRECISIONS", "LR_SCHEDULES", "SNAP_EMAS",
+           "ATTENTIONS", "GRAD_SYNCS"]
 
 OPTIMIZERS = ("radam", "adam")
 PRECISIONS = ("fp32", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear")
+SNAP_EMAS = ("default", "all")
 ATTENTIONS = ("edm", "sdpa")
 GRAD_SYNCS = ("ddp", "manual")
 
@@ -24,7 +25,8 @@ GRAD_SYNCS = ("ddp", "manual")
 # `steps` is also free when the learning rate does not depend on it (constant schedule): that is how a run
 # is extended.
 RESUME_FREE_FIELDS = ("outdir", "resume", "snap", "grid_every", "grid_seeds", "log_every", "eval_every",
-                      "keep_states", "device", "desc", "attention", "channels_last", "compile", "grad_sync")
+                      "keep_states", "keep_students", "snap_emas", "device", "desc", "attention", "channels_last",
+                      "compile", "grad_sync")
 # The last four are speed options: they change results only by floating-point rounding, like `device`.
 
 
@@ -55,6 +57,8 @@ class TrainConfig:
     seed: int = 0
     snap: int = 1000                     # steps between student-<step>.pt / training-state-<step>.pt
     keep_states: int = 2                 # keep the newest K training states (0 = keep all)
+    keep_students: int = 0               # keep the newest K student-<step>.pt (0 = keep all; student-best.pt stays)
+    snap_emas: str = "default"           # weights in student checkpoints: 'default' (the default EMA) or 'all'
     grid_every: int = 1000               # steps between samples-<step>.png (0 = never)
     grid_seeds: int = 64                 # the grid shows seeds 0..grid_seeds-1
     log_every: int = 10                  # steps between lines of log.txt / stats.jsonl
@@ -94,6 +98,7 @@ class TrainConfig:
                    f"(= --batch {self.batch} / {world_size} processes); pick a divisor of {per_rank}")
         _check(self.optimizer in OPTIMIZERS, f"unknown --optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}")
         _check(self.precision in PRECISIONS, f"unknown --precision={self.precision!r}; choose one of {PRECISIONS}")
+        _check(self.snap_emas in SNAP_EMAS, f"unknown --snap-emas={self.snap_emas!r}; choose one of {SNAP_EMAS}")
         _check(self.lr_schedule in LR_SCHEDULES,
                f"unknown --lr-schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         _check(self.attention in ATTENTIONS, f"unknown --attention={self.attention!r}; choose one of {ATTENTIONS}")
@@ -108,7 +113,7 @@ class TrainConfig:
         _check(len(set(self.ema_names())) == len(self.ema), f"--ema has duplicate rates: {self.ema}")
         _check(self.default_ema is None or ema_name(self.default_ema) in self.ema_names(),
                f"--default-ema={self.default_ema} is not one of --ema={self.ema}; add it or pick one of them")
-        for name in ("snap", "grid_every", "log_every", "eval_every", "keep_states", "grid_seeds"):
+        for name in ("snap", "grid_every", "log_every", "eval_every", "keep_states", "keep_students", "grid_seeds"):
             _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
 
     def batch_per_rank(self, world_size: int) -> int:

@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import warnings
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -15,7 +16,29 @@ from pid.training.loop import Trainer
 from pid.training.method import Method
 from pid.training.rundir import CONFIG_FILE, new_run_dir, resolve_resume
 
-__all__ = ["train", "make_run_config", "TrainResult"]
+__all__ = ["train", "make_run_config", "TrainResult", "cpu_has_bf16", "warn_slow_precision"]
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
+    """Whether this CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16); None if unknown.
+
+    Without such units torch emulates bf16 on the CPU, which made a step many times slower than fp32."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return None   # not Linux: cannot tell
+    flags = {word for line in text.splitlines() if line.lower().startswith(("flags", "features"))
+             for word in line.split(":", 1)[-1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def warn_slow_precision(precision: str, device: torch.device) -> None:
+    """Warn when --precision=bf16 runs on a CPU known to lack bf16 units (it is then many times slower)."""
+    if precision == "bf16" and device.type == "cpu" and cpu_has_bf16() is False:
+        warnings.warn("--precision=bf16 on a CPU without bfloat16 units (no avx512_bf16/amx_bf16/bf16 flag in "
+                      "/proc/cpuinfo): torch emulates bf16 there, and a step is many times slower than in fp32; "
+                      "use --precision=fp32 on this machine", stacklevel=2)
 
 
 class TrainResult(str):
@@ -100,6 +123,8 @@ def train(config: TrainConfig, method: Method, student: Union[torch.nn.Module, D
     lock = None
     try:
         config.validate(dist.world_size)
+        if dist.is_main:
+            warn_slow_precision(config.precision, dist.device)
         run_config = make_run_config(config, method, extra_config)
         run_dir, path, state, lock = _decide_run(config, run_config, dist)
         trainer = Trainer(config, method, student, dist, run_dir, run_config, evaluate)

@@ -252,13 +252,15 @@ class Trainer:
         return {"raw": self.student.state_dict()}
 
     def export_student(self, path: str, extra: Optional[dict] = None) -> None:
-        """Write a student checkpoint (main process only)."""
+        """Write a student checkpoint (main process only): the default weights, or every EMA with snap_emas='all'."""
         spec = self.student.export_spec() if hasattr(self.student, "export_spec") else {
             "class": type(self.student).__name__}
         weights = self.weights_for_export()
         default = self.config.default_ema_name() if self.config.default_ema_name() in weights else "raw"
         if default not in weights:
             weights = {**weights, "raw": self.student.state_dict()}
+        if self.config.snap_emas == "default":   # each EMA is a full copy of the network: write one
+            weights = {default: weights[default]}
         ckpt.write_student_checkpoint(path, spec, weights, default, self.step,
                                       {"method": self.method.name, "run_config": self.run_config, **(extra or {})})
 
@@ -273,6 +275,7 @@ class Trainer:
                 self.log.error(f"snapshot at step {self.step} failed, stopping: {exc}")
                 raise
             self._prune_states()
+            self._prune_students()
             self.log.info(f"saved student-{self.step:07d}.pt and training-state-{self.step:07d}.pt")
         D.barrier()
 
@@ -280,6 +283,12 @@ class Trainer:
         keep = self.config.keep_states
         if keep:
             for _, path in list(ckpt.list_states(self.run_dir).items())[:-keep]:
+                os.remove(path)
+
+    def _prune_students(self) -> None:
+        keep = self.config.keep_students
+        if keep:
+            for _, path in list(ckpt.list_students(self.run_dir).items())[:-keep]:
                 os.remove(path)
 
     def default_student(self, shared: bool = False) -> torch.nn.Module:

@@ -68,9 +68,39 @@ def _flatten(d, prefix=""):
     return {prefix[:-1]: d}
 
 
+# Settings added after runs were first written: (the section a run must have for the setting to apply, the value
+# an older config.json implies, i.e. the behaviour that run was trained with). An old run then resumes when nothing
+# it depends on changed, and is refused, naming the setting, when something did.
+_ADDED_SINCE = {
+    "method.distance.lpips_pool": ("method.distance.", "max"),        # LPIPS was the lpips package's (max pooling)
+    "extra.pid.lpips_pool": ("extra.pid.", "max"),
+    "method.residual_precision": ("method.distance.", "amp"),         # PID's student ran under autocast
+    "extra.pid.residual_precision": ("extra.pid.", "amp"),
+    "extra.mm.mixture_adjust": ("extra.mm.", False),                  # MM had no mixture corrections
+    "extra.student.denoiser.adjust": ("extra.student.denoiser.", None),
+}
+
+
+def _effective(flat: dict) -> dict:
+    """Fill the settings an older run lacks, and drop those that cannot change this run's trajectory."""
+    out = dict(flat)
+    for key, (section, value) in _ADDED_SINCE.items():
+        has_section = any(k.startswith(section) for k in flat)
+        if has_section and not any(k == key or k.startswith(key + ".") for k in flat):
+            out[key] = value
+    drop = set()
+    if out.get("method.distance.name") not in (None, "lpips"):
+        drop |= {"method.distance.lpips_pool", "extra.pid.lpips_pool"}
+    if out.get("train.precision") == "fp32":
+        drop |= {"method.residual_precision", "extra.pid.residual_precision"}
+    if out.get("extra.student.denoiser.kind") == "edm":   # an EDM network is copied whole: the option is ignored
+        drop.add("extra.mm.mixture_adjust")
+    return {k: v for k, v in out.items() if k not in drop}
+
+
 def config_differences(saved: dict, current: dict) -> List[str]:
     """Human-readable 'key: saved -> now' lines for the trajectory-relevant fields that differ."""
-    a, b = _flatten(_comparable(saved)), _flatten(_comparable(current))
+    a, b = _effective(_flatten(_comparable(saved))), _effective(_flatten(_comparable(current)))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 

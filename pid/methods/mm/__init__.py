@@ -36,11 +36,11 @@ def build_mm_run(cfg, seed: int = 0):
     else:
         from pid.errors import ConfigError
         raise ConfigError(f"unknown --algorithm {cfg.algorithm!r}; choose alternating or parameter")
-    gen, spec = denoiser_from_teacher(teacher, cfg.teacher, cfg.student_preset, seed)
+    gen, spec = denoiser_from_teacher(teacher, cfg.teacher, cfg.student_preset, seed, cfg.mixture_adjust)
     student = MMStudent(gen, spec, k=cfg.k, sigma_min=lo, sigma_max=hi, rho=cfg.rho,
                         img_resolution=teacher.img_resolution, img_channels=teacher.img_channels,
                         label_dim=teacher.label_dim, teacher=cfg.teacher)
     if cfg.algorithm == "parameter":
         return method, {"generator": student}, teacher
-    aux, _ = denoiser_from_teacher(teacher, cfg.teacher, cfg.student_preset, seed)
+    aux, _ = denoiser_from_teacher(teacher, cfg.teacher, cfg.student_preset, seed, cfg.mixture_adjust)
     return method, {"generator": student, "aux": aux}, teacher

@@ -14,11 +14,14 @@ Since ∂ĝ_B/∂x̃_i = −(2 w_i / (n P)) J_iᵀ (P pixels), ∂F/∂x̃_i = (
 Random draws in this order: data (2n), A's times/ε/posterior noise, ε' (subtract only), B's times/ε/noise.
 
 Teacher parameters θ: an EDM teacher's preconditioner parameters (used in place: no copy of the weights); the
-built-in Gaussian-mixture teachers have no parameters, so their `means` and `log_weights` buffers play θ.
+built-in Gaussian-mixture teachers have no parameters, so their family's parameters play θ: the component means,
+the log-weights and the log of the component std (`MixtureFamily`); without the std, θ would not see whether the
+generated samples are spread like the data around the components.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -29,11 +32,24 @@ from pid.errors import ConfigError
 from pid.methods.mm.objective import MomentMatching, loss_weight
 from pid.training import distributed as D
 
-__all__ = ["ParameterMomentMatching", "AdamPreconditioner", "PRECONDITIONERS", "teacher_parameters",
+__all__ = ["ParameterMomentMatching", "AdamPreconditioner", "MixtureFamily", "PRECONDITIONERS", "teacher_parameters",
            "teacher_loss_grad", "teacher_jvp"]
 
 PRECONDITIONERS = ("identity", "adam")
 Params = Dict[str, torch.Tensor]
+
+
+class MixtureFamily(nn.Module):
+    """A built-in mixture teacher as a function of θ = (teacher.means, teacher.log_weights, log_std)."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+        self.register_buffer("log_std", torch.tensor(math.log(teacher.std), dtype=torch.float64,
+                                                     device=teacher.means.device))
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        return self.teacher(x, sigma, class_labels, std=self.log_std.exp())
 
 
 def teacher_parameters(teacher: nn.Module) -> Tuple[nn.Module, Params, dict]:
@@ -41,8 +57,9 @@ def teacher_parameters(teacher: nn.Module) -> Tuple[nn.Module, Params, dict]:
     net = getattr(teacher, "net", None)
     if net is not None and hasattr(net, "model"):       # EDMTeacher: θ = the preconditioner's parameters
         return net, dict(net.named_parameters()), {"force_fp32": True}
-    if hasattr(teacher, "means") and hasattr(teacher, "log_weights"):   # built-in mixture: buffers play θ
-        return teacher, {"means": teacher.means, "log_weights": teacher.log_weights}, {}
+    if hasattr(teacher, "means") and hasattr(teacher, "log_weights"):   # built-in mixture: its family plays θ
+        family = MixtureFamily(teacher)
+        return family, {n: b for n, b in family.named_buffers() if b.is_floating_point()}, {}
     raise ConfigError(f"--algorithm=parameter needs an EDM network pickle or a built-in teacher, "
                       f"got {type(teacher).__name__}")
 
@@ -107,7 +124,7 @@ class AdamPreconditioner:
         if float(count) == 0:
             return
         for n, s in self.pending.items():
-            mean = D.all_reduce_sum_(s) / count.to(s.dtype)
+            mean = D.all_reduce_sum_(s) / count.to(s.dtype).reshape(())   # θ may hold scalars (log_std)
             self.v[n].mul_(self.beta2).addcmul_(mean, mean, value=1 - self.beta2)
             s.zero_()
         self.count, self.folds = 0, self.folds + 1

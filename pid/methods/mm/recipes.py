@@ -30,6 +30,8 @@ class MMConfig:
     sigma_floor: float = 0.1               # edm-bounded: w is constant below this σ
     force_t1: bool = False                 # t ≡ 1 (one-step methods' variant; meaningful for k = 1)
     aux_lr_mult: float = 1.0               # auxiliary denoiser's learning rate / the generator's
+    mixture_adjust: bool = True            # built-in teachers: σ-dependent mixture weights/sharpness/spread too
+                                           # (EDM teachers: ignored, their whole network is copied)
     student_preset: Optional[str] = None   # residual network for built-in teachers (None: glyphs<resolution>)
     preconditioner: str = "adam"           # Algorithm 3's Λ: identity, or adam (online EMA of squared teacher grads)
     precond_beta2: float = 0.99            # adam: EMA rate of the squared teacher gradient
@@ -49,15 +51,16 @@ class MMConfig:
 # against 2.17) but no student trained on it improved its mode frequencies. (a) and (d) give the numbers.
 DEFAULT_RECIPE: dict = dict(
     teacher="builtin:glyphs16", data=None, algorithm="alternating", k=4, rho=7.0, weight="edm", sigma_floor=0.1,
-    force_t1=False, aux_lr_mult=1.0, student_preset=None, preconditioner="adam", precond_beta2=0.99, precond_eps=1e-8,
-    subtract_data_grad=False,
+    force_t1=False, aux_lr_mult=1.0, mixture_adjust=True, student_preset=None, preconditioner="adam",
+    precond_beta2=0.99, precond_eps=1e-8, subtract_data_grad=False,
     steps=2000, batch=32, lr=2e-3, optimizer="adam", betas="0.0,0.99", eps=1e-12, precision="fp32",
     ema="0.99,0.995", default_ema=0.99, warmup=100, lr_schedule="linear", grad_clip=1.0, snap=500,
     grid_every=500, grid_seeds=64, log_every=10, eval_every=500, eval_num=2000,
 )
 
-_PAPER_OPT = dict(optimizer="adam", betas="0.0,0.99", eps=1e-12, lr_schedule="linear", grad_clip=1.0, warmup=1000,
-                  weight="edm", rho=7.0, log_every=100, snap=5000, grid_every=5000, eval_every=5000, eval_num=50_000)
+_PAPER_OPT = dict(mixture_adjust=False, optimizer="adam", betas="0.0,0.99", eps=1e-12, lr_schedule="linear",
+                  grad_clip=1.0, warmup=1000, weight="edm", rho=7.0, log_every=100, snap=5000, grid_every=5000,
+                  eval_every=5000, eval_num=50_000)
 
 PRESETS: dict[str, dict] = {
     # The paper's ImageNet-64 recipe (batch 2048, k = 8, ≤ 200k steps, FID every 5k steps, lr 1e-5) on EDM's ADM

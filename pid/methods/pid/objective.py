@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -12,7 +14,9 @@ from pid.distances import DistanceConfig, make_distance
 from pid.errors import ConfigError
 from pid.teachers import default_sigma_range
 
-__all__ = ["karras_grid", "pair_indices", "PIDObjective"]
+__all__ = ["karras_grid", "pair_indices", "PIDObjective", "RESIDUAL_PRECISIONS"]
+
+RESIDUAL_PRECISIONS = ("fp32", "amp")
 
 
 MAX_GRID_POINTS = 10 ** 6   # the reference uses 250; a bound keeps absurd values from exhausting memory
@@ -47,14 +51,24 @@ class PIDObjective:
         rhs   = D_φ(sg(X), t)                         (teacher, no gradient at all)
         loss  = d(lhs, rhs), time weight 1.
     Randomness is drawn from the given generator in this order: z, labels (if conditional), n.
+
+    Precision: the finite difference multiplies the rounding error of X and X' by t/(t − t') (11–46 on the
+    N = 250 grid), so under fp16/bf16 autocast the student's forward and the difference run in fp32
+    (`residual_precision='fp32'`); the teacher and the distance keep the trainer's precision (their errors are not
+    amplified). 'amp' runs the student under autocast too, as the reference's fp16 U-Net does: cheaper, but
+    its residual carries the amplified rounding (BENCHMARKS.md, PID (e)).
     """
 
     name = "pid"
 
     def __init__(self, teacher: nn.Module, num_steps: int = 250, distance: DistanceConfig | str = "l2",
                  sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, residual_precision: str = "fp32"):
+        if residual_precision not in RESIDUAL_PRECISIONS:
+            raise ConfigError(f"unknown --residual-precision={residual_precision!r}; choose fp32 (the student and "
+                              f"the finite difference in fp32) or amp (the student under --precision's autocast)")
         self.teacher = teacher
+        self.residual_precision = residual_precision
         self.num_steps = int(num_steps)
         lo, hi = default_sigma_range(teacher)
         self.sigma_min = float(sigma_min if sigma_min is not None else lo)
@@ -62,7 +76,10 @@ class PIDObjective:
         self.rho = float(rho)
         self.distance_config = DistanceConfig(name=distance) if isinstance(distance, str) else distance
         self.distance = make_distance(self.distance_config, device)
-        self.grid = karras_grid(self.num_steps, self.sigma_min, self.sigma_max, self.rho).float()
+        grid = karras_grid(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+        self.grid = grid.float()
+        # c_n = t_n/(t_n − t_n') from the float64 grid: the f32 grid's rounding would be amplified like X's.
+        self.fd_coef = (grid / (grid - grid[pair_indices(torch.arange(self.num_steps), self.num_steps)])).float()
 
     def to(self, device: torch.device | str) -> "PIDObjective":
         """Move the teacher and the distance network (LPIPS) to `device` (the trainer calls this)."""
@@ -74,7 +91,8 @@ class PIDObjective:
     def config_dict(self) -> dict:
         """JSON-able description; a resumed run must have the same one."""
         return {"name": self.name, "discretization": self.num_steps, "sigma_min": self.sigma_min,
-                "sigma_max": self.sigma_max, "rho": self.rho, "distance": vars(self.distance_config).copy()}
+                "sigma_max": self.sigma_max, "rho": self.rho, "distance": vars(self.distance_config).copy(),
+                "residual_precision": self.residual_precision}
 
     def draw(self, batch_size: int, shape: tuple[int, int, int], label_dim: int, generator: torch.Generator,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -90,17 +108,25 @@ class PIDObjective:
 
     def residual(self, student: nn.Module, z: torch.Tensor, labels: torch.Tensor | None,
                  n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lhs with gradient, detached teacher target), both [B,C,H,W], for given noise and grid indices."""
+        """(lhs with gradient, detached teacher target), both [B,C,H,W] f32, for given noise and grid indices."""
         grid = self.grid.to(z.device)
         t, t2 = grid[n], grid[pair_indices(n, self.num_steps)]
-        both = student(torch.cat([z, z]), torch.cat([t, t2]),
-                       None if labels is None else torch.cat([labels, labels]))
-        x, x2 = both.float().chunk(2)
-        t4, t24 = t.view(-1, 1, 1, 1), t2.view(-1, 1, 1, 1)
-        lhs = x - t4 * (x - x2) / (t4 - t24)
+        c = self.fd_coef.to(z.device)[n]              # t/(t − t')
+        with self._student_autocast(z.device):
+            both = student(torch.cat([z, z]), torch.cat([t, t2]),
+                           None if labels is None else torch.cat([labels, labels]))
+        with torch.autocast(z.device.type, enabled=False):
+            x, x2 = both.float().chunk(2)
+            lhs = x - c.view(-1, 1, 1, 1) * (x - x2)
         with torch.no_grad():
             rhs = self.teacher(x.detach(), t, labels).float()
         return lhs, rhs
+
+    def _student_autocast(self, device: torch.device):
+        """Autocast off for the student (residual_precision 'fp32'); the trainer's autocast otherwise."""
+        if self.residual_precision == "fp32":
+            return torch.autocast(device.type, enabled=False)
+        return contextlib.nullcontext()
 
     def loss(self, student: nn.Module, batch_size: int, generator: torch.Generator,
              device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

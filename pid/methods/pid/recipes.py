@@ -30,6 +30,8 @@ class PIDConfig:
     huber_c: Optional[float] = None
     lpips_resize: int = 224
     lpips_vgg: Optional[str] = None
+    lpips_pool: str = "avg"                # VGG16 pooling of LPIPS: avg (the PID reference's, piq) or max (lpips)
+    residual_precision: str = "fp32"       # student + finite difference in fp32 under fp16/bf16 ('amp': autocast)
     eval_num: int = 1000                   # images per evaluation
     fid_ref: Optional[str] = None          # FID reference statistics (.npz path/URL) for EDM teachers
     detector: Optional[str] = None         # feature network for FID (None: EDM's Inception URL)
@@ -54,18 +56,21 @@ DEFAULT_RECIPE: dict = dict(
 
 # The reference recipes (docs/pid.md §(c)): they follow the released scripts (no gradient clipping; CIFAR-10 in
 # fp32), not the paper's Table 6, which lists clipping and FP16 for both; pass --grad-clip / --precision for that.
+# Their LPIPS is the reference's: piq's VGG16 with average pooling (lpips_pool="avg"), resized to 224. ImageNet-64
+# runs in fp16 as the reference, except the student and the finite difference (residual_precision="fp32"): the
+# reference's fp16 student makes the residual's rounding error t/(t − t') times larger (BENCHMARKS.md, PID (e)).
 PRESETS: dict[str, dict] = {
     "cifar10": dict(teacher=EDM_PRETRAINED + "edm-cifar10-32x32-uncond-vp.pkl", discretization=250, rho=7.0,
-                    loss="lpips",
+                    loss="lpips", lpips_pool="avg",
                     steps=800_000, batch=512, batch_gpu=None, lr=2e-4, optimizer="radam", betas="0.9,0.999",
                     precision="fp32",
                     ema="0.999,0.9999,0.99995", default_ema=0.99995, warmup=0, grad_clip=None, snap=10_000,
                     grid_every=10_000, log_every=100, eval_every=0, eval_num=50_000,
                     fid_ref="https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"),
     "imagenet64": dict(teacher=EDM_PRETRAINED + "edm-imagenet-64x64-cond-adm.pkl", discretization=250, rho=7.0,
-                       loss="lpips",
+                       loss="lpips", lpips_pool="avg",
                        steps=400_000, batch=2048, batch_gpu=32, lr=1e-4, optimizer="radam", betas="0.9,0.999",
-                       precision="fp16",
+                       precision="fp16", residual_precision="fp32",
                        ema="0.999,0.9999,0.99995", default_ema=0.99995, warmup=0, grad_clip=None, snap=10_000,
                        grid_every=10_000, log_every=100, eval_every=0, eval_num=50_000,
                        fid_ref="https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz"),
