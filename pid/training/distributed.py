@@ -163,7 +163,10 @@ class _DDP(DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.module, name)
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None or name == "module":   # during DDP's own __init__: no forwarding, no recursion
+                raise
+            return getattr(inner, name)
 
 
 def _sum_hook(state: Any, bucket: tdist.GradBucket) -> torch.futures.Future[torch.Tensor]:
