@@ -77,6 +77,20 @@ def test_two_process_step_equals_single_process_step(tmp_path, monkeypatch, grad
     assert_same_tensors(learned_state(a), learned_state(b), exact=False)
 
 
+def test_two_process_ddp_resume_is_exact(tmp_path):
+    """Under DDP, 2 processes that stop after 2 steps and resume to 4 end bit-identical to 2 processes running 4."""
+    def run(outdir, **overrides):
+        mp.start_processes(ddp_worker, args=(2, free_port(), outdir, dict(batch=8, batch_gpu=2, snap=2, **overrides)),
+                           nprocs=2, join=True, start_method="fork")
+    run(str(tmp_path / "full"), steps=4)
+    run(str(tmp_path / "parts"), steps=2)
+    run(str(tmp_path / "parts"), steps=4, resume="auto")
+    (full,), (parts,) = glob.glob(str(tmp_path / "full" / "*")), glob.glob(str(tmp_path / "parts" / "*"))
+    a, b = final_state(full), final_state(parts)
+    assert a["step"] == b["step"] == 4
+    assert_same_tensors(learned_state(a), learned_state(b))
+
+
 @pytest.mark.parametrize("bad", [{"batch": 7}, {"lr": 0.02, "resume": "auto"}])
 def test_two_process_errors_reach_every_rank(tmp_path, bad):
     # Every rank must raise (a rank left waiting in a collective would hang the job until its timeout).
