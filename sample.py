@@ -216,8 +216,12 @@ def _collect_sampler_kwargs(steps, sigma_min, sigma_max, rho, S_churn, S_min, S_
 @click.option("--grid", type=str, default=None, help="Also write all images as one PNG grid here")
 @click.option("--npz", type=str, default=None, help="Also write images (uint8 NHWC), labels and seeds here")
 @click.option("--device", type=str, default=None, help="torch device [default: cuda when available, else cpu]")
+@click.option("--attention", type=click.Choice(["edm", "sdpa"]), default="edm", show_default=True,
+              help="EDM networks' attention: EDM's float32 op or scaled_dot_product_attention (faster on GPUs)")
+@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (pays off for many batches)")
 @user_errors
-def main(ckpt, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, npz, sampler, **sampler_opts):
+def main(ckpt, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, npz, sampler, attention, compile_net,
+         **sampler_opts):
     """Generate images with EDM's or moment matching's sampler (teachers), or the student's own generator."""
     seed_list = parse_seeds(seeds)
     if not (outdir or grid or npz):
@@ -232,6 +236,11 @@ def main(ckpt, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, 
     if rank != 0:
         model, is_student = load_generator(ckpt, dev)
     _check_class(class_idx, model.label_dim)
+    if attention != "edm":
+        from edm_networks import set_attention
+        set_attention(model, attention)
+    if compile_net:
+        model.compile()
     mine = split_seeds(seed_list, max_batch_size, rank, world)
     local = {}
     for index, batch_seeds in tqdm.tqdm(mine, unit="batch", disable=rank != 0, desc="sample"):

@@ -75,7 +75,7 @@ def build_run(opts: dict):
 @user_errors
 def main(preset, dry_run, **given):
     """Distill a teacher into a k-step moment-matching student."""
-    run_training(resolve_options(preset, given), dry_run, build_run)
+    run_training(resolve_options(preset, given), dry_run, build_run, preset)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """EDM-compatible networks and a safe loader for EDM network pickles (imports torch only)."""
 
 from .layers import (AttentionOp, Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
-                     weight_init)
+                     weight_init, ATTENTION_IMPLS, set_attention)
 from .unets import DhariwalUNet, SongUNet
 from .precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from .classes import BACKBONE_CLASSES, NETWORK_CLASSES, PRECOND_CLASSES

@@ -19,8 +19,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "keeps_init_kwargs", "weight_init", "Linear", "Conv2d", "GroupNorm", "AttentionOp", "UNetBlock",
-    "PositionalEmbedding", "FourierEmbedding",
+    "PositionalEmbedding", "FourierEmbedding", "ATTENTION_IMPLS", "set_attention",
 ]
+
+# How UNetBlock computes self-attention: 'edm' (AttentionOp: float32 softmax, forward-mode derivatives) or 'sdpa'
+# (torch.nn.functional.scaled_dot_product_attention: fused flash/memory-efficient kernels on CUDA, in the input's
+# dtype). Not a constructor argument, so that pickles and init kwargs stay EDM's.
+ATTENTION_IMPLS = ("edm", "sdpa")
 
 
 def keeps_init_kwargs(cls: type) -> type:
@@ -209,7 +214,10 @@ class UNetBlock(torch.nn.Module):
     """Residual U-Net block with noise-embedding modulation and optional self-attention.
 
     forward(x ``[N, in, H, W]``, emb ``[N or 1, emb_channels]``) -> ``[N, out, H', W']``.
+    ``attention_impl`` ('edm' or 'sdpa', see `set_attention`) selects how attention is computed.
     """
+
+    attention_impl = "edm"
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
                  down: bool = False, attention: bool = False, num_heads: Optional[int] = None,
@@ -262,10 +270,29 @@ class UNetBlock(torch.nn.Module):
         # qkv channels are interleaved per head as head*3*hd + 3*c + s (s = q, k, v): reshape, not chunk.
         n, c, h, w = x.shape
         q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-        weights = AttentionOp.apply(q, k)
-        a = torch.einsum("bij,bcj->bci", weights, v)
+        if self.attention_impl == "sdpa":
+            # [b, c, N] -> [b, N, c]: SDPA's scale is 1/sqrt(c) as EDM's; softmax in the input dtype
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            a = a.transpose(1, 2)
+        else:
+            weights = AttentionOp.apply(q, k)
+            a = torch.einsum("bij,bcj->bci", weights, v)
         x = self.proj(a.reshape(n, c, h, w)).add_(x)
         return x * self.skip_scale
+
+
+def set_attention(module: torch.nn.Module, impl: str) -> int:
+    """Make every UNetBlock inside `module` use attention `impl` ('edm' or 'sdpa'); returns how many blocks have
+    attention. 'sdpa' matches 'edm' to float32 rounding (tests/test_networks.py) and has no forward-mode
+    derivative on every backend: keep 'edm' for networks differentiated with torch.func.jvp."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
+    count = 0
+    for m in module.modules():
+        if isinstance(m, UNetBlock):
+            m.attention_impl = impl
+            count += bool(m.num_heads)
+    return count
 
 
 @keeps_init_kwargs

@@ -21,7 +21,7 @@ from pid.errors import ConfigError, PidError
 
 __all__ = ["user_errors", "OneLineCommand", "OneLineGroup", "EXIT_INTERRUPTED", "check_output_file",
            "check_output_dir", "train_options", "merge_options", "train_config_from", "parse_floats", "TRAIN_FIELDS",
-           "echo_options", "limit_threads", "finish_run", "run_training", "training_evaluator"]
+           "echo_options", "limit_threads", "finish_run", "run_training", "training_evaluator", "check_device"]
 
 # Exit status of a run stopped by SIGINT/SIGTERM after saving its state (128 + SIGINT, as shells report ^C).
 EXIT_INTERRUPTED = 130
@@ -130,7 +130,8 @@ def check_output_file(path: str, option: str, extensions: Sequence[str]) -> None
 TRAIN_FIELDS = ("outdir", "steps", "batch", "batch_gpu", "lr", "optimizer", "betas", "eps", "weight_decay", "warmup",
                 "lr_schedule", "grad_clip", "precision", "ema", "default_ema", "seed", "snap", "keep_states",
                 "keep_students", "snap_emas",
-                "grid_every", "grid_seeds", "log_every", "eval_every", "resume", "device", "desc")
+                "grid_every", "grid_seeds", "log_every", "eval_every", "resume", "device", "desc", "attention",
+                "channels_last", "compile", "grad_sync")
 
 
 def parse_floats(text, option: str):
@@ -230,6 +231,15 @@ def train_options(recipe: dict):
                      help="'auto' (newest state in --outdir of the same config), a run dir or a state file"),
         click.option("--device", default=None, help="Device  [default: cuda:LOCAL_RANK if available, else cpu]"),
         click.option("--desc", default=None, help="Run directory suffix  [default: from the settings]"),
+        click.option("--attention", type=click.Choice(["edm", "sdpa"]), default=None,
+                     help="Attention kernel: EDM's float32 op, or fused scaled_dot_product_attention  [default: edm]"),
+        click.option("--channels-last", type=bool, default=None,
+                     help="Networks in channels_last layout  [default: false]"),
+        click.option("--compile", type=bool, default=None,
+                     help="torch.compile student(s) and teacher  [default: false]"),
+        click.option("--grad-sync", type=click.Choice(["ddp", "manual"]), default=None,
+                     help="Several processes: DistributedDataParallel (overlapped) or summed after backward  "
+                          "[default: ddp]"),
         click.option("--dry-run", is_flag=True, help="Print the merged settings and exit"),
     ]
 
@@ -251,23 +261,47 @@ def finish_run(result, steps: int) -> None:
         raise SystemExit(EXIT_INTERRUPTED)
 
 
-def run_training(opts: dict, dry_run: bool, build_run) -> None:
-    """The body of every training script: print the merged settings (--dry-run), or limit threads, build the
-    run with `build_run(opts) -> (config, method, networks, extra, evaluate)`, train, and set the exit status."""
+def check_device(opts: dict, preset: Optional[str]) -> None:
+    """Stop before any work when the run needs CUDA that this machine lacks: an explicit --device=cuda..., or a
+    preset (batches sized for GPUs: days on a CPU) without --device. Raises ConfigError."""
+    import torch
+    device = opts.get("device")
+    if torch.cuda.is_available():
+        return
+    if device is not None and str(device).startswith("cuda"):
+        raise ConfigError(f"--device={device} but CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use --device=cpu")
+    if device is None and preset is not None:
+        raise ConfigError(f"--preset={preset} is sized for CUDA GPUs (batch {opts.get('batch')}) and no CUDA device "
+                          f"is available; pass --device=cpu to run it on the CPU anyway")
+
+
+def run_training(opts: dict, dry_run: bool, build_run, preset: Optional[str] = None) -> None:
+    """The body of every training script: print the merged settings (--dry-run), or check the device, join the
+    process group (before anything is loaded: every rank on its own device), build the run with
+    `build_run(opts) -> (config, method, networks, extra, evaluate)`, train, and set the exit status."""
     if dry_run:
         echo_options(opts)
         return
+    check_device(opts, preset)
     limit_threads()
-    config, method, networks, extra, evaluate = build_run(opts)
     from pid.training import train
-    finish_run(train(config, method, networks, extra_config=extra, evaluate=evaluate), config.steps)
+    from pid.training.distributed import init_distributed
+    dist = init_distributed(opts.get("device"))
+    try:
+        config, method, networks, extra, evaluate = build_run(opts)
+        finish_run(train(config, method, networks, extra_config=extra, evaluate=evaluate), config.steps)
+    finally:
+        dist.shutdown()
 
 
 def training_evaluator(teacher, config, method_config):
     """The evaluator of a training script (None when --eval-every is 0): exact metrics for built-in teachers, FID
-    with `--fid-ref` otherwise; `method_config` carries eval_num, fid_ref and detector."""
+    with `--fid-ref` otherwise; `method_config` carries eval_num, fid_ref and detector. Under torchrun the seeds
+    are split across the processes (each on its own device, the detector too) and the results gathered."""
     if not config.eval_every:
         return None
     from pid.metrics.evaluate import make_evaluator
+    from pid.training.distributed import local_device
     return make_evaluator(teacher, num=method_config.eval_num, fid_ref=method_config.fid_ref,
-                          detector=method_config.detector, distributed=False)
+                          detector=method_config.detector, device=local_device(config.device), distributed=None)

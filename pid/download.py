@@ -1,8 +1,13 @@
 """Cached downloads of teachers and feature networks.
 
 A URL is fetched once into the cache directory and read from there afterwards. Offline, the error names the
-URL and the exact path where the file can be placed by hand.
+URL and the exact path where the file can be placed by hand. Processes that want the same URL at once (the
+ranks of a torchrun job, which all load the teacher) take turns on a file lock beside the cache entry: the
+first downloads, the others wait and then read its file; no collective is involved, so a failed download
+raises in every process instead of leaving the others waiting.
 """
+
+import contextlib
 
 import hashlib
 import os
@@ -13,6 +18,11 @@ import urllib.parse
 import urllib.request
 
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent processes may download twice (each atomically)
+    fcntl = None
 
 from pid.errors import DownloadError
 
@@ -49,6 +59,30 @@ def cached_path(url: str, *, progress: bool = True, timeout: float = 30.0) -> st
     if os.path.isfile(dest):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with _download_lock(dest):
+        if not os.path.isfile(dest):   # another process may have fetched it while we waited
+            _download(url, dest, progress, timeout)
+    return dest
+
+
+@contextlib.contextmanager
+def _download_lock(dest: str):
+    try:
+        f = open(dest + ".lock", "a") if fcntl is not None else None
+    except OSError:   # an unwritable cache: the download below reports it
+        f = None
+    if f is None:
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock: unguarded, as before
+            pass
+        yield   # closing the file drops the lock
+
+
+def _download(url: str, dest: str, progress: bool, timeout: float) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".part-")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -69,4 +103,3 @@ def cached_path(url: str, *, progress: bool = True, timeout: float = 30.0) -> st
             f"Cannot download {url} ({exc}). If this machine is offline, download the file elsewhere and "
             f"place it at {dest} (or set PID_CACHE_DIR to choose the cache folder), or pass a local path instead."
         ) from None
-    return dest

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edm_networks import (EDMPrecond, NETWORK_CLASSES, PRECOND_CLASSES, SongUNet, VEPrecond, VPPrecond,
-                          iDDPMPrecond)
+                          iDDPMPrecond, set_attention)
 
 VECTORS = os.environ.get("PID_EDM_VECTORS", os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "edm_vectors"))
@@ -222,6 +222,53 @@ def test_invalid_configurations_raise():
         _tiny(model_type="UNet2D")
     with pytest.raises(ValueError, match="encoder_type"):
         _tiny(encoder_type="fancy")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_preconditioner_runs_under_autocast(dtype):
+    """The trainer's fp16/bf16 run teachers and students under autocast: D stays float32 and close to fp32's."""
+    net = _tiny(model_type="DhariwalUNet", model_channels=16, attn_resolutions=[4]).eval()
+    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0]), torch.eye(4)[:2]
+    with torch.no_grad():
+        full = net(x, sigma, labels)
+        with torch.autocast("cpu", dtype=dtype):
+            half = net(x, sigma, labels)
+    assert half.dtype == torch.float32
+    assert (half - full).abs().max().item() < 5e-2 * full.abs().max().item()
+
+
+@pytest.mark.parametrize("name", _network_files())
+def test_sdpa_attention_matches_edm(edm_vectors, name):
+    """--attention=sdpa: the golden outputs within the same tolerance, and gradients within float32 rounding."""
+    d = _vector(edm_vectors, name)
+    net = _build(d)
+    net.load_state_dict(d["state_dict"])
+    net.eval()
+    assert set_attention(net, "sdpa") > 0, f"{name} has no attention block"
+    x = d["x"].clone().requires_grad_(True)
+    ours = net(x, d["sigma"], d["class_labels"])
+    ref = d["D"]
+    scale = ref.abs().max().item()
+    assert (ours.double() - ref.double()).abs().max().item() <= RTOL * scale
+    (grad_sdpa,) = torch.autograd.grad(ours.square().sum(), x)
+    set_attention(net, "edm")
+    (grad_edm,) = torch.autograd.grad(net(x, d["sigma"], d["class_labels"]).square().sum(), x)
+    err = (grad_sdpa - grad_edm).abs().max().item()
+    assert err <= RTOL * grad_edm.abs().max().item(), f"{name}: gradient error {err:.3e}"
+    with pytest.raises(ValueError, match="sdpa"):
+        set_attention(net, "flash")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sdpa_attention_fp16_on_cuda_close_to_edm():
+    """On CUDA in fp16 SDPA runs the softmax in half precision (EDM's AttentionOp in float32): documented 2e-2."""
+    net = _tiny(use_fp16=True, model_type="DhariwalUNet", model_channels=64, attn_resolutions=[8, 4]).cuda().eval()
+    x, sigma = torch.randn(2, 3, 8, 8, device="cuda"), torch.tensor([0.5, 3.0], device="cuda")
+    with torch.no_grad():
+        edm = net(x, sigma, None)
+        set_attention(net, "sdpa")
+        sdpa = net(x, sigma, None)
+    assert (sdpa - edm).abs().max().item() < 2e-2 * edm.abs().max().item()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 path runs only on CUDA")

@@ -81,6 +81,16 @@ def test_golden_stochastic_and_ablation_pngs(edm_vectors, tmp_path, name):
             assert int(diff.max()) <= 1
 
 
+def test_sdpa_attention_option_gives_edm_pngs(edm_vectors, tmp_path):
+    """--attention=sdpa on a golden network with attention: EDM's own uint8 images (off by one at most)."""
+    path, data = _golden_pickle(edm_vectors, "dhariwalunet_cond_edm", tmp_path)
+    result = run("--ckpt", path, "--seeds=0,1", "--steps=8", "--outdir", tmp_path / "sdpa", "--attention=sdpa")
+    assert result.exit_code == 0, result.output
+    for i, seed in enumerate(data["sampler_seeds"]):
+        diff = np.abs(png(tmp_path / "sdpa" / f"{seed:06d}.png").astype(int) - data["sampler_images_uint8"][i].numpy())
+        assert int(diff.max()) <= 1
+
+
 def test_builtin_teacher_outputs(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run("--ckpt=builtin:glyphs16", "--seeds=0-4", "--batch=2", "--outdir", a, "--grid", tmp_path / "g.png",

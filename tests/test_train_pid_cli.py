@@ -115,3 +115,56 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     bad = subprocess.run(cmd[:-3] + ["--steps=1", "--batch=3", "--device=cpu"], env=env, capture_output=True,
                          text=True, timeout=240, cwd=REPO_ROOT)
     assert bad.returncode != 0 and "not divisible by the number of processes (2)" in bad.stderr + bad.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_preset_without_cuda_stops_unless_device_cpu(tmp_path):
+    import train_mm
+    out = str(tmp_path / "runs")
+    for main, preset in ((train_pid.main, "cifar10"), (train_pid.main, "imagenet64"), (train_mm.main, "imagenet64")):
+        result = CliRunner().invoke(main, [f"--outdir={out}", f"--preset={preset}"])
+        assert_user_error(result, f"--preset={preset} is sized for CUDA GPUs", "--device=cpu")
+        assert result.output.count("Error:") == 1 and len(result.output.strip().splitlines()) == 1
+    assert_user_error(run_cli([f"--outdir={out}", *TINY, "--device=cuda"]), "CUDA is not available", "--device=cpu")
+    assert not os.path.exists(out), "nothing may start before the device check"
+    # --dry-run still shows a preset's settings on a laptop
+    assert run_cli(["--preset=cifar10", "--dry-run"]).exit_code == 0
+
+
+def test_fast_path_options_reach_the_config_and_run_on_cpu(tmp_path):
+    out = str(tmp_path / "runs")
+    fast = ["--student-preset=glyphs16-ddpmpp", "--attention=sdpa", "--channels-last=true"]
+    result = run_cli([f"--outdir={out}", *TINY, *fast, "--steps=1", "--snap=1"])
+    assert result.exit_code == 0, result.output
+    (run,) = os.listdir(out)
+    train = json.load(open(os.path.join(out, run, "config.json")))["train"]
+    assert (train["attention"], train["channels_last"], train["compile"], train["grad_sync"]) == ("sdpa", True, False,
+                                                                                                 "ddp")
+    # speed options may change on resume (they change results only by rounding), like --device
+    again = run_cli([f"--outdir={out}", *TINY, "--student-preset=glyphs16-ddpmpp", "--steps=2", "--snap=1",
+                     "--resume=auto"])
+    assert again.exit_code == 0, again.output
+    assert os.listdir(out) == [run] and "student-0000002.pt" in os.listdir(os.path.join(out, run))
+    assert_user_error(run_cli([f"--outdir={out}", "--attention=flash"]), "Invalid value for '--attention'")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on CPU")
+def test_torchrun_evaluation_is_split_across_ranks(tmp_path):
+    """Evaluation during training runs on every rank (seeds split, results gathered) and equals one process's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [os.path.join(REPO_ROOT, "train_pid.py"), *TINY, "--steps=2", "--snap=2", "--device=cpu",
+            "--eval-every=2", "--eval-num=6"]
+    metrics = []
+    for launcher, extra in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                             []), ([sys.executable], ["--batch-gpu=2"])):
+        out = str(tmp_path / f"runs{len(metrics)}")
+        proc = subprocess.run([*launcher, *args, f"--outdir={out}", *extra], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=REPO_ROOT)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        (run,) = os.listdir(out)
+        (line,) = open(os.path.join(out, run, "metrics.jsonl")).read().splitlines()
+        metrics.append(json.loads(line))
+    two, one = metrics
+    assert two.keys() == one.keys() and two["step"] == 2
+    for key in ("rmse", "component_accuracy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key

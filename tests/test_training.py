@@ -54,12 +54,20 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------------------------- DDP
-def test_two_process_step_equals_single_process_step(tmp_path):
+@pytest.mark.parametrize("grad_sync,compile,wrapper", [("ddp", False, "_DDP"), ("manual", False, "ToyStudent"),
+                                                      ("ddp", True, "OptimizedModule")])
+def test_two_process_step_equals_single_process_step(tmp_path, monkeypatch, grad_sync, compile, wrapper):
+    from pid.training import fast
+    monkeypatch.setattr(fast, "COMPILE_OPTIONS", {"backend": "eager"})   # the forked children inherit it
     overrides = dict(steps=2, batch=8, batch_gpu=2, snap=2)
     single = train(toy_config(str(tmp_path / "single"), **overrides), ToyMethod(), ToyStudent())
     # fork: the children reuse the imported modules (spawn would re-import torch, ~10 s on 2 busy cores)
-    mp.start_processes(ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), overrides), nprocs=2,
-                       join=True, start_method="fork")
+    types = str(tmp_path / "types.txt")
+    more = {"grad_sync": grad_sync, "compile": compile}
+    mp.start_processes(ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), {**overrides, **more}, types),
+                       nprocs=2, join=True, start_method="fork")
+    # DDP (no_sync in the first of 2 rounds), the manual all-reduce, or torch.compile of the DDP wrapper
+    assert open(types).read() == wrapper
     ddp_run = glob.glob(str(tmp_path / "ddp" / "*"))
     assert len(ddp_run) == 1, "both ranks must share one run directory"
     a, b = final_state(single), final_state(ddp_run[0])
@@ -67,6 +75,20 @@ def test_two_process_step_equals_single_process_step(tmp_path):
     assert not torch.equal(a["student"]["net.0.weight"], ToyStudent().state_dict()["net.0.weight"])
     # Same micro-batches (slots 0..3) in both; only the order of the gradient sum differs.
     assert_same_tensors(learned_state(a), learned_state(b), exact=False)
+
+
+def test_two_process_ddp_resume_is_exact(tmp_path):
+    """Under DDP, 2 processes that stop after 2 steps and resume to 4 end bit-identical to 2 processes running 4."""
+    def run(outdir, **overrides):
+        mp.start_processes(ddp_worker, args=(2, free_port(), outdir, dict(batch=8, batch_gpu=2, snap=2, **overrides)),
+                           nprocs=2, join=True, start_method="fork")
+    run(str(tmp_path / "full"), steps=4)
+    run(str(tmp_path / "parts"), steps=2)
+    run(str(tmp_path / "parts"), steps=4, resume="auto")
+    (full,), (parts,) = glob.glob(str(tmp_path / "full" / "*")), glob.glob(str(tmp_path / "parts" / "*"))
+    a, b = final_state(full), final_state(parts)
+    assert a["step"] == b["step"] == 4
+    assert_same_tensors(learned_state(a), learned_state(b))
 
 
 @pytest.mark.parametrize("bad", [{"batch": 7}, {"lr": 0.02, "resume": "auto"}])
@@ -406,3 +428,30 @@ def test_cuda_paths(tmp_path, precision):
     assert state["nan_skipped"] == 1 and torch.isfinite(state["student"]["net.0.weight"]).all()
     assert "cuda" in state["rng"][0]
     assert os.path.exists(os.path.join(run_dir, "samples-0000003.png"))
+
+
+def test_compile_option_keeps_checkpoints_and_results(tmp_path, monkeypatch):
+    """--compile: the method calls the compiled network, checkpoints keep their keys, grids run eagerly. The
+    'eager' backend exercises dynamo's capture without a C++ compiler; inductor's kernels are for the GPU check."""
+    from pid.training import fast
+    monkeypatch.setattr(fast, "COMPILE_OPTIONS", {"backend": "eager"})
+    from torch._dynamo.utils import counters
+    counters.clear()
+    compiled = train(toy_config(str(tmp_path / "c"), steps=2, compile=True, grid_every=2, grid_seeds=4),
+                     ToyMethod(), ToyStudent())
+    plain = train(toy_config(str(tmp_path / "p"), steps=2, grid_every=2, grid_seeds=4), ToyMethod(), ToyStudent())
+    assert counters["frames"]["ok"] > 0, "dynamo captured nothing"
+    a, b = final_state(compiled), final_state(plain)
+    assert a["student"].keys() == b["student"].keys()
+    assert_same_tensors(learned_state(a), learned_state(b), exact=False)
+    assert os.path.exists(os.path.join(compiled, "samples-0000002.png"))
+
+
+def test_fused_adam_only_on_cuda():
+    from pid.training.optim import make_optimizer
+    cpu = make_optimizer(ToyStudent().parameters(), TrainConfig(optimizer="adam"))
+    assert cpu.defaults["foreach"] and not cpu.defaults.get("fused")
+    assert make_optimizer(ToyStudent().parameters(), TrainConfig(optimizer="radam")).defaults["foreach"]
+    if torch.cuda.is_available():
+        gpu = make_optimizer(ToyStudent().cuda().parameters(), TrainConfig(optimizer="adam"))
+        assert gpu.defaults["fused"]

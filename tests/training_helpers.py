@@ -53,6 +53,7 @@ class ToyMethod:
         self.calls = 0
         self.nan_at_call, self.hang_at_call, self.marker = nan_at_call, hang_at_call, marker
         self.output_dtypes = set()
+        self.student_types = set()   # what the trainer passes: the network or its DDP wrapper
 
     def loss(self, student, batch_size: int, generator: torch.Generator,
              device: torch.device) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -63,6 +64,7 @@ class ToyMethod:
         z = torch.randn([batch_size, 1, 4, 4], generator=generator, device=device)
         out = student(z)
         self.output_dtypes.add(out.dtype)
+        self.student_types.add(type(student).__name__)
         target = 0.5 * torch.sin(3 * z) + 0.1
         losses = (out.float() - target).square().mean(dim=(1, 2, 3))
         if self.calls == self.nan_at_call:
@@ -82,12 +84,18 @@ def toy_config(outdir: str, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def ddp_worker(rank: int, world: int, port: int, outdir: str, overrides: dict) -> None:
-    """torch.multiprocessing.spawn target: one rank of a gloo (CPU) run, with torchrun's environment."""
+def ddp_worker(rank: int, world: int, port: int, outdir: str, overrides: dict,
+               types_file: Optional[str] = None) -> None:
+    """torch.multiprocessing.spawn target: one rank of a gloo (CPU) run, with torchrun's environment.
+    `types_file`: write the class names of the student objects the method was given there (rank 0)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    train(toy_config(outdir, **overrides), ToyMethod(), ToyStudent())
+    method = ToyMethod()
+    train(toy_config(outdir, **overrides), method, ToyStudent())
+    if types_file and rank == 0:
+        with open(types_file, "w") as f:
+            f.write(",".join(sorted(method.student_types)))
 
 
 def ddp_worker_reporting(rank: int, world: int, port: int, outdir: str, overrides: dict, report: str) -> None:

@@ -100,7 +100,8 @@ def load_detector(spec: Optional[str] = None, device: Optional[torch.device] = N
     A missing, corrupt or non-TorchScript file raises CheckpointError.
     """
     spec = spec or INCEPTION_URL
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # this process's own GPU (torchrun's set_device), never cuda:0 for every rank
+    device = torch.device(device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"))
     local = cached_path(spec) if is_url(spec) else spec
     if not os.path.isfile(local):
         raise CheckpointError(f"Detector file '{spec}' not found: give a TorchScript .pt path or URL "

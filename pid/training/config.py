@@ -11,18 +11,23 @@ from typing import Optional, Tuple
 
 from pid.errors import ConfigError
 
-__all__ = ["TrainConfig", "ema_name", "trajectory_fields", "OPTIMIZERS", "PRECISIONS", "LR_SCHEDULES", "SNAP_EMAS"]
+__all__ = ["TrainConfig", "ema_name", "trajectory_fields", "OPTIMIZERS", "PRECISIONS", "LR_SCHEDULES", "SNAP_EMAS",
+           "ATTENTIONS", "GRAD_SYNCS"]
 
 OPTIMIZERS = ("radam", "adam")
 PRECISIONS = ("fp32", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear")
 SNAP_EMAS = ("default", "all")
+ATTENTIONS = ("edm", "sdpa")
+GRAD_SYNCS = ("ddp", "manual")
 
 # Fields that may change between a run and its resumption without changing the trajectory of the weights.
 # `steps` is also free when the learning rate does not depend on it (constant schedule): that is how a run
 # is extended.
 RESUME_FREE_FIELDS = ("outdir", "resume", "snap", "grid_every", "grid_seeds", "log_every", "eval_every",
-                      "keep_states", "keep_students", "snap_emas", "device", "desc")
+                      "keep_states", "keep_students", "snap_emas", "device", "desc", "attention", "channels_last",
+                      "compile", "grad_sync")
+# The last four are speed options: they change results only by floating-point rounding, like `device`.
 
 
 def ema_name(beta: float) -> str:
@@ -61,6 +66,11 @@ class TrainConfig:
     resume: Optional[str] = None         # None, 'auto', a run directory or a training-state file
     device: Optional[str] = None         # None = cuda:LOCAL_RANK when available, else cpu
     desc: str = "train"                  # run directory suffix
+    # Speed options (GPU fast paths; each changes results only by floating-point rounding, docs/training.md):
+    attention: str = "edm"               # 'edm' (EDM's float32 AttentionOp) or 'sdpa' (scaled_dot_product_attention)
+    channels_last: bool = False          # networks (trainable and teacher) in channels_last memory format
+    compile: bool = False                # torch.compile the trainable networks and the teacher
+    grad_sync: str = "ddp"               # several processes: 'ddp' (DistributedDataParallel, overlapped) or 'manual'
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (tuples become lists)."""
@@ -91,6 +101,8 @@ class TrainConfig:
         _check(self.snap_emas in SNAP_EMAS, f"unknown --snap-emas={self.snap_emas!r}; choose one of {SNAP_EMAS}")
         _check(self.lr_schedule in LR_SCHEDULES,
                f"unknown --lr-schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        _check(self.attention in ATTENTIONS, f"unknown --attention={self.attention!r}; choose one of {ATTENTIONS}")
+        _check(self.grad_sync in GRAD_SYNCS, f"unknown --grad-sync={self.grad_sync!r}; choose one of {GRAD_SYNCS}")
         _check(0 < self.lr < float("inf"), f"--lr must be a finite number > 0, got {self.lr}")
         _check(0 <= self.seed < 2 ** 63, f"--seed must be in [0, 2^63), got {self.seed}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),

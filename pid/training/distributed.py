@@ -1,10 +1,20 @@
-"""Process-group setup for torchrun and the few collectives the trainer uses.
+"""Process-group setup for torchrun, gradient synchronisation, and the few collectives the trainer uses.
 
-Data parallelism is done by hand rather than with `DistributedDataParallel`: after all accumulation rounds,
-the gradients are summed across processes in a few large flat buckets. A method may then call the student any
-number of times, through any of its methods, and read its attributes directly (DDP only syncs what goes
-through its own `forward`, and refuses parameters used twice before one backward). The cost is that
-communication does not overlap the last backward pass; the bytes sent are the same as DDP's.
+Gradients are synchronised by `DistributedDataParallel` (`--grad-sync=ddp`, the default): each trainable network
+is wrapped, the all-reduce of a bucket starts as soon as its gradients are ready in the last accumulation round
+(overlapping the rest of that backward pass), and earlier rounds run under `no_sync()`. Details that keep
+"N processes = 1 process with accumulation" and the method interface intact:
+- the buckets are *summed*, not averaged (a comm hook), because the loss is already divided by the global batch;
+- `find_unused_parameters=True`: a copied EDM network has parameters a PID/MM call never uses (`map_augment`
+  without augment labels). Its cost, one walk of the autograd graph per step, is paid only in the synchronising
+  round. `static_graph=True` would avoid the walk, but torch 2.9 fails an internal assert (`expect_autograd_hooks_`)
+  when it meets `no_sync()` (measured with gloo, 2 processes);
+- the wrapper forwards attribute reads to the network (`student.img_channels`, `generate`), so methods use it as
+  the bare module. Gradients flow through DDP only for calls of `forward`: a method must call a trainable network
+  through `__call__` (PID: one call on the 2B batch; MM: one call of the phase's network with gradient);
+- `broadcast_buffers=False`: buffers are identical from the start and the trainer never lets them diverge.
+`--grad-sync=manual` keeps the hand-written path (sum every gradient after all rounds in 64 MB buckets, no
+overlap), for methods that compute gradients outside `forward`.
 """
 
 import datetime
@@ -14,9 +24,10 @@ from typing import Any, List, Sequence
 
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum_", "all_reduce_grads_", "broadcast_params_",
-           "broadcast_object", "gather_objects", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "local_device", "all_reduce_sum_", "all_reduce_grads_",
+           "broadcast_params_", "broadcast_object", "gather_objects", "barrier", "wrap_ddp"]
 
 _BUCKET_ELEMENTS = 1 << 24   # 16M floats (64 MB) per all-reduce: few calls, bounded extra memory
 _TIMEOUT = datetime.timedelta(hours=1)  # rank 0 may evaluate FID while the others wait
@@ -56,6 +67,12 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def local_device(device: str | None = None) -> torch.device:
+    """The device this process computes on (`device`, else cuda:LOCAL_RANK when CUDA exists, else cpu); joins
+    nothing."""
+    return _pick_device(device, int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
@@ -137,6 +154,37 @@ def gather_objects(obj: Any) -> List[Any]:
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+class _DDP(DistributedDataParallel):
+    """DDP whose wrapper also answers for the network's own attributes (img_channels, label_dim, generate...)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None or name == "module":   # during DDP's own __init__: no forwarding, no recursion
+                raise
+            return getattr(inner, name)
+
+
+def _sum_hook(state: Any, bucket: tdist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    # DDP's default hook divides by the world size; our loss is already the mean over the global batch.
+    work = tdist.all_reduce(bucket.buffer(), op=tdist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap_ddp(module: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
+    """`module` wrapped for overlapped, summed gradient all-reduce (see the module docstring); `module` itself in
+    a single process. Gradients become views into DDP's buckets (no second copy of them in memory)."""
+    if not dist.distributed:
+        return module
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    ddp = _DDP(module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True,
+               gradient_as_bucket_view=True)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
 
 
 def barrier() -> None:

@@ -111,11 +111,13 @@ def train(config: TrainConfig, method: Method, student: Union[torch.nn.Module, D
     `phase(step)`, `export` and `ema_networks`, and its `loss` takes the dict and a `MicroBatch`; see loop.py).
 
     Runs in one process, or in each process started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set; NCCL on
-    CUDA, gloo on CPU). `evaluate(default_ema_student) -> {'metrics': {...}, 'primary': name, 'mode':
-    'min'|'max'}` runs on the main process every `eval_every` steps. SIGINT/SIGTERM save a training state
-    and return normally with `.interrupted` set (see TrainResult). The main process holds the run
-    directory's lock (pid.training.lock) while it trains. Raises ConfigError for inconsistent options, a
-    resume of another configuration, or a run directory another live trainer owns (RunDirBusy).
+    CUDA, gloo on CPU); a process group the caller created first is used as is. `evaluate(default_ema_student)
+    -> {'metrics': {...}, 'primary': name, 'mode': 'min'|'max'}` runs on every process every `eval_every`
+    steps (a distributed evaluator such as `pid.metrics.evaluate.make_evaluator` splits its seeds across them).
+    SIGINT/SIGTERM save a training state and return normally with `.interrupted` set (see TrainResult). The
+    main process holds the run directory's lock (pid.training.lock) while it trains. Raises ConfigError for
+    inconsistent options, a resume of another configuration, or a run directory another live trainer owns
+    (RunDirBusy).
     """
     dist = D.init_distributed(config.device)
     lock = None

@@ -3,7 +3,9 @@
 One optimizer step, in order (see `Trainer.train_step`):
   1. for each accumulation round r of this process: seed the micro-batch generator from (seed, step, slot),
      run `method.loss` under autocast, backward `sum(loss_i) / global_batch` (scaled by the GradScaler for fp16);
-  2. sum gradients and logged scalars over processes;
+     with several processes the rounds before the last run under DDP's `no_sync()`, and the last round's
+     backward sums the gradients over processes bucket by bucket as they become ready (distributed.py);
+  2. sum logged scalars over processes (and the gradients, with `grad_sync='manual'`);
   3. unscale, measure the global gradient norm; if the loss or the norm is not finite, skip the step (weights,
      optimizer state and EMAs untouched; fp16's loss scale is lowered);
   4. otherwise clip, step the optimizer, update the loss scale and the EMAs.
@@ -23,6 +25,7 @@ are kept for the networks the method names in `ema_networks`, and `method.phase(
 that step `step` updates. The network named `method.export` is the one sampled, evaluated and exported.
 """
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -37,6 +40,7 @@ import torch
 from pid.errors import CheckpointError
 from pid.training import checkpoint as ckpt
 from pid.training import distributed as D
+from pid.training import fast
 from pid.training.config import TrainConfig
 from pid.training.ema import EMAs
 from pid.training.method import Method
@@ -85,16 +89,27 @@ class Trainer:
         self.student = self.nets[self.export_name]     # the network that is sampled, evaluated and exported
         if hasattr(method, "to"):
             method.to(self.device)
-        self.params, self.optimizers, self.scalers = {}, {}, {}
+        fast.prepare_networks(self.nets, method, config)   # before the gradients exist: they follow the layout
+        self.params, self.optimizers, self.scalers, self.train_nets, self.ddp = {}, {}, {}, {}, {}
+        ddp = config.grad_sync == "ddp" and dist.distributed
         for name, net in self.nets.items():
-            D.broadcast_params_(net)
+            if not ddp:
+                D.broadcast_params_(net)   # DDP's constructor does this itself
             self.params[name] = [p for p in net.parameters() if p.requires_grad]
             # Gradients exist for every parameter from the start, so that all processes all-reduce the same
             # tensors even when a method leaves some parameter unused in a micro-batch.
             for p in self.params[name]:
                 p.grad = torch.zeros_like(p)
+            # What the method calls: the network, wrapped by DDP, compiled (on top of DDP, so that dynamo splits
+            # the graph at bucket boundaries); checkpoints, EMAs and grids use the bare `self.nets`.
+            self.ddp[name] = D.wrap_ddp(net, dist) if ddp else None
+            call = self.ddp[name] if ddp else net
+            self.train_nets[name] = fast.compiled(call) if config.compile else call
             self.optimizers[name] = make_optimizer(self.params[name], config)
             self.scalers[name] = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        if config.compile:
+            for module in fast.frozen_modules(method):
+                module.compile(**fast.COMPILE_OPTIONS)   # in place: the method holds it
         ema_names = getattr(method, "ema_networks", None) or (self.export_name,)
         self.ema_sets = {n: EMAs(self.nets[n], config.ema) for n in ema_names} if dist.is_main else {}
         self.emas = self.ema_sets.get(self.export_name)
@@ -115,14 +130,20 @@ class Trainer:
         slot = self.dist.rank * rounds + round_index
         self.generator.manual_seed(step_seed(self.config.seed, self.step, slot))
         amp = self.config.precision in _AMP_DTYPES
-        with torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(self.config.precision), enabled=amp):
-            if self.multi:
-                ctx = MicroBatch(self.step, phase, slot, self.step * self.config.batch + slot * micro)
-                losses, stats = self.method.loss(self.nets, micro, self.generator, self.device, ctx)
-            else:
-                losses, stats = self.method.loss(self.student, micro, self.generator, self.device)
-        losses = losses.float()
-        self.scalers[phase].scale(losses.sum() / self.config.batch).backward()
+        with contextlib.ExitStack() as no_sync:
+            # DDP all-reduces in the backward of the last round only, and only the phase's network.
+            for name, ddp in self.ddp.items():
+                if ddp is not None and (name != phase or round_index < rounds - 1):
+                    no_sync.enter_context(ddp.no_sync())
+            with torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(self.config.precision), enabled=amp):
+                if self.multi:
+                    ctx = MicroBatch(self.step, phase, slot, self.step * self.config.batch + slot * micro)
+                    losses, stats = self.method.loss(self.train_nets, micro, self.generator, self.device, ctx)
+                else:
+                    losses, stats = self.method.loss(self.train_nets[self.export_name], micro, self.generator,
+                                                     self.device)
+            losses = losses.float()
+            self.scalers[phase].scale(losses.sum() / self.config.batch).backward()
         return losses.detach().sum(), stats
 
     def train_step(self) -> dict:
@@ -142,7 +163,8 @@ class Trainer:
             for k, v in stats.items():  # summed on the device: no sync inside the accumulation loop
                 v = torch.as_tensor(v, device=self.device).detach().float()
                 stat_sums[k] = stat_sums[k] + v if k in stat_sums else v
-        D.all_reduce_grads_(params)
+        if self.ddp[phase] is None:
+            D.all_reduce_grads_(params)   # --grad-sync=manual (a no-op in one process)
         keys = sorted(stat_sums)
         local = [loss_sum, torch.tensor(float(self._signal_received), device=self.device)]
         local += [stat_sums[k] for k in keys]
@@ -269,15 +291,21 @@ class Trainer:
             for _, path in list(ckpt.list_students(self.run_dir).items())[:-keep]:
                 os.remove(path)
 
-    def default_student(self) -> torch.nn.Module:
-        """A copy of the student holding the default (EMA) weights, in eval mode (main process only)."""
+    def default_student(self, shared: bool = False) -> torch.nn.Module:
+        """A copy of the student holding the default (EMA) weights, in eval mode.
+
+        EMAs live on the main process; `shared=True` (a collective call) broadcasts the weights so that every
+        process holds them (evaluation is split across processes)."""
         if self._eval_module is None:
             self._eval_module = copy.deepcopy(self.student).eval().requires_grad_(False)
             for p in self._eval_module.parameters():
                 p.grad = None   # deepcopy copied the training gradients; the copy never needs them
-        name = self.config.default_ema_name()
-        weights = self.weights_for_export().get(name, self.student.state_dict())
-        self._eval_module.load_state_dict(weights)
+        if self.dist.is_main:
+            name = self.config.default_ema_name()
+            weights = self.weights_for_export().get(name, self.student.state_dict())
+            self._eval_module.load_state_dict(weights)
+        if shared:
+            D.broadcast_params_(self._eval_module)
         return self._eval_module
 
     # -------------------------------------------------------------------------------- grids & evaluation
@@ -289,18 +317,22 @@ class Trainer:
             write_sample_grid(self.default_student(), path, self.config.grid_seeds, chunk, self.device)
 
     def run_evaluation(self) -> None:
-        """Call the evaluator on the default weights; append metrics.jsonl; keep student-best.pt."""
-        result = self.evaluate(self.default_student())
+        """Call the evaluator on the default weights on every process (a distributed evaluator splits the seeds
+        across them and returns the same metrics everywhere); the main process appends metrics.jsonl and keeps
+        student-best.pt."""
+        result = self.evaluate(self.default_student(shared=True))
         metrics, primary, mode = result["metrics"], result.get("primary"), result.get("mode", "min")
-        _append_json(os.path.join(self.run_dir, "metrics.jsonl"), {"step": self.step, **metrics})
+        if self.dist.is_main:
+            _append_json(os.path.join(self.run_dir, "metrics.jsonl"), {"step": self.step, **metrics})
         self.log.info("eval " + " ".join(f"{k} {v:.5g}" for k, v in metrics.items()
                                           if isinstance(v, (int, float))))
         if primary in metrics:
-            value = float(metrics[primary])
+            value = float(D.broadcast_object(float(metrics[primary])))   # one decision for every process
             better = self.best is None or (value < self.best["value"] if mode == "min" else value > self.best["value"])
             if better:
                 self.best = {"step": self.step, "metric": primary, "value": value, "mode": mode}
-                self.export_student(os.path.join(self.run_dir, "student-best.pt"), {"best": self.best})
+                if self.dist.is_main:
+                    self.export_student(os.path.join(self.run_dir, "student-best.pt"), {"best": self.best})
                 self.log.info(f"new best {primary} {value:.5g}: student-best.pt")
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -337,7 +369,7 @@ class Trainer:
             self.save_snapshot()
         if self.dist.is_main and self._due(self.config.grid_every):
             self.write_grid()
-        if self.dist.is_main and self.evaluate is not None and self._due(self.config.eval_every):
+        if self.evaluate is not None and self._due(self.config.eval_every):
             self.run_evaluation()
         if self.stop_requested:
             self.log.info(f"stopped by signal at step {self.step}; continue with --resume=auto "

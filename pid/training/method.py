@@ -11,6 +11,12 @@ __all__ = ["Method"]
 class Method(Protocol):
     """A distillation objective. The trainer owns everything else (AMP, reduction, optimizer, DDP, EMAs).
 
+    Under torchrun the trainer passes each trainable network wrapped in DistributedDataParallel: attribute reads
+    reach the network, and gradients are synchronised for calls of the network itself (`student(...)`). A method
+    that gets a trainable network's gradients another way needs `--grad-sync=manual`. `teacher_forward_ad = True`
+    tells the trainer's speed options that `self.teacher` is differentiated with torch.func.jvp (keep its
+    attention and leave it uncompiled).
+
     A method may also define `to(device)`; the trainer calls it once so the method can move its teacher, and
     `state_dict()` / `load_state_dict(d)` for state of its own (running statistics), which the trainer keeps in
     the training state so that a resume stays exact.

@@ -157,6 +157,9 @@ class ParameterMomentMatching(MomentMatching):
     """
 
     name = "mm-parameter"
+    # The teacher is differentiated in forward mode (torch.func.jvp): the trainer's fast paths leave its attention
+    # (SDPA has no forward-mode derivative) and its compilation alone.
+    teacher_forward_ad = True
 
     def __init__(self, teacher: nn.Module, data, k: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
                  weight: str = "edm", sigma_floor: float = 0.1, force_t1: bool = False,
