@@ -117,10 +117,17 @@ def load_vgg16_features(path: str | None = None, download: bool = True) -> dict[
                             f"(--loss=l2|l1|pseudo-huber).")
     if download:
         import torchvision
+        from pid.download import download_lock
+        reason = ""
         try:
-            return torchvision.models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with download_lock(target):   # a torchrun job's ranks: one downloads, the others read its file
+                if not os.path.isfile(target):
+                    return torchvision.models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as exc:  # offline, proxy, ... all mean the same thing to the user
             reason = f" ({type(exc).__name__}: {exc})"
+        if not reason:   # another process fetched it while this one waited
+            return _read_vgg16(target)
     else:
         reason = ""
     url = __import__("torchvision").models.VGG16_Weights.IMAGENET1K_V1.url

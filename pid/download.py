@@ -59,14 +59,15 @@ def cached_path(url: str, *, progress: bool = True, timeout: float = 30.0) -> st
     if os.path.isfile(dest):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with _download_lock(dest):
+    with download_lock(dest):
         if not os.path.isfile(dest):   # another process may have fetched it while we waited
             _download(url, dest, progress, timeout)
     return dest
 
 
 @contextlib.contextmanager
-def _download_lock(dest: str):
+def download_lock(dest: str):
+    """Hold an exclusive lock on `dest + '.lock'` (the processes of one job fetch a file one at a time)."""
     try:
         f = open(dest + ".lock", "a") if fcntl is not None else None
     except OSError:   # an unwritable cache: the download below reports it

@@ -145,6 +145,35 @@ def test_lpips_weights_missing_is_a_clear_error(tmp_path, monkeypatch):
         load_vgg16_features(None, download=False)
 
 
+def test_vgg_download_is_one_process_at_a_time(tmp_path, monkeypatch):
+    """A torchrun job's ranks all ask for VGG16: while one holds the cache entry's lock (downloading), another waits
+    and then reads that file instead of downloading again. The download here fails if called."""
+    import threading
+    import torchvision
+    from pid.distances import write_random_vgg16
+    from pid.download import download_lock
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    calls = []
+    monkeypatch.setattr(torchvision.models.VGG16_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
+                        lambda self, *a, **k: calls.append(1) or (_ for _ in ()).throw(OSError("offline")))
+    target = tmp_path / "checkpoints" / "vgg16-397923af.pth"
+    target.parent.mkdir(parents=True)
+    result = {}
+    with download_lock(str(target)):   # "rank 0" is downloading
+        waiter = threading.Thread(target=lambda: result.update(sd=load_vgg16_features(None)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive(), "the second process must wait for the lock"
+        write_random_vgg16(str(target), seed=3)
+    waiter.join(timeout=30)
+    assert not calls and torch.equal(result["sd"]["features.0.weight"],
+                                     load_vgg16_features(str(target))["features.0.weight"])
+    target.unlink()
+    with pytest.raises(DownloadError, match="could not be downloaded.*offline"):   # alone: it downloads, and says why not
+        load_vgg16_features(None)
+    assert calls
+
+
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
