@@ -263,7 +263,8 @@ def finish_run(result, steps: int) -> None:
 
 def check_device(opts: dict, preset: Optional[str]) -> None:
     """Stop before any work when the run needs CUDA that this machine lacks: an explicit --device=cuda..., or a
-    preset (batches sized for GPUs: days on a CPU) without --device. Raises ConfigError."""
+    preset or an EDM teacher (whose recipe is a preset's: batches sized for GPUs, days on a CPU) without --device.
+    Raises ConfigError."""
     import torch
     device = opts.get("device")
     if torch.cuda.is_available():
@@ -274,6 +275,14 @@ def check_device(opts: dict, preset: Optional[str]) -> None:
     if device is None and preset is not None:
         raise ConfigError(f"--preset={preset} is sized for CUDA GPUs (batch {opts.get('batch')}) and no CUDA device "
                           f"is available; pass --device=cpu to run it on the CPU anyway")
+    teacher = str(opts.get("teacher") or "")
+    from pid.download import is_url
+    if not is_url(teacher) and not os.path.exists(teacher):
+        return   # a built-in teacher, or a mistyped path that loading the teacher reports as such
+    if device is None:   # an EDM teacher: merge_options gave it the real-teacher recipe
+        raise ConfigError(f"an EDM teacher takes the real-teacher recipe, sized for CUDA GPUs (batch "
+                          f"{opts.get('batch')}), and no CUDA device is available; pass --device=cpu to run it on the "
+                          f"CPU anyway (with --batch and --steps to size it)")
 
 
 def run_training(opts: dict, dry_run: bool, build_run, preset: Optional[str] = None) -> None:

@@ -37,7 +37,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert_user_error(run_cli([f"--outdir={out}", f"--teacher={tmp_path}/missing.pkl"]), "not found", "missing.pkl")
     corrupt = tmp_path / "corrupt.pkl"
     corrupt.write_bytes(os.urandom(200))
-    assert_user_error(run_cli([f"--outdir={out}", f"--teacher={corrupt}"]), "corrupt.pkl")
+    assert_user_error(run_cli([f"--outdir={out}", f"--teacher={corrupt}", "--device=cpu"]), "corrupt.pkl")
     assert_user_error(run_cli([f"--outdir={out}", "--loss=l3"]), "Invalid value for '--loss'", "lpips")
     assert_user_error(run_cli([f"--outdir={out}", "--preset=cifar100"]), "Invalid value for '--preset'", "cifar10")
     assert_user_error(run_cli([f"--outdir={out}", *TINY, "--steps=1", "--batch=6", "--batch-gpu=4"]),
@@ -126,6 +126,11 @@ def test_gpu_preset_without_cuda_stops_unless_device_cpu(tmp_path):
         assert_user_error(result, f"--preset={preset} is sized for CUDA GPUs", "--device=cpu")
         assert result.output.count("Error:") == 1 and len(result.output.strip().splitlines()) == 1
     assert_user_error(run_cli([f"--outdir={out}", *TINY, "--device=cuda"]), "CUDA is not available", "--device=cpu")
+    pkl = tmp_path / "edm-teacher.pkl"   # checked before loading: any existing file stands for an EDM pickle
+    pkl.write_bytes(b"not read")
+    for main in (train_pid.main, train_mm.main):
+        result = CliRunner().invoke(main, [f"--outdir={out}", f"--teacher={pkl}"])
+        assert_user_error(result, "an EDM teacher takes the real-teacher recipe", "(batch 512)", "--device=cpu")
     assert not os.path.exists(out), "nothing may start before the device check"
     # --dry-run still shows a preset's settings on a laptop
     assert run_cli(["--preset=cifar10", "--dry-run"]).exit_code == 0
