@@ -26,8 +26,8 @@ from torch import nn
 
 from pid.errors import CheckpointError, ConfigError, DownloadError
 
-__all__ = ["DistanceConfig", "DISTANCES", "LPIPS_POOLS", "make_distance", "LPIPSDistance", "load_vgg16_features", "write_random_vgg16",
-           "l2_distance", "l1_distance", "pseudo_huber_distance"]
+__all__ = ["DistanceConfig", "DISTANCES", "LPIPS_POOLS", "make_distance", "LPIPSDistance", "load_vgg16_features",
+           "write_random_vgg16", "l2_distance", "l1_distance", "pseudo_huber_distance"]
 
 DISTANCES = ("lpips", "l2", "l1", "pseudo-huber")
 LPIPS_POOLS = ("avg", "max")

@@ -7,7 +7,7 @@ is wrapped, the all-reduce of a bucket starts as soon as its gradients are ready
 - the buckets are *summed*, not averaged (a comm hook), because the loss is already divided by the global batch;
 - `find_unused_parameters=True`: a copied EDM network has parameters a PID/MM call never uses (`map_augment`
   without augment labels). Its cost, one walk of the autograd graph per step, is paid only in the synchronising
-  round. `static_graph=True` would avoid the walk, but torch 2.9 fails an internal assert (`expect_autograd_hooks_`)
+  round. `static_graph=True` would avoid the walk, but torch 2.14.1 fails an internal assert (`expect_autograd_hooks_`)
   when it meets `no_sync()` (measured with gloo, 2 processes);
 - the wrapper forwards attribute reads to the network (`student.img_channels`, `generate`), so methods use it as
   the bare module. Gradients flow through DDP only for calls of `forward`: a method must call a trainable network

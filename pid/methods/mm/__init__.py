@@ -11,7 +11,8 @@ from pid.methods.mm.parameter import PRECONDITIONERS, ParameterMomentMatching
 from pid.methods.mm.student import MMStudent, build_mm_student_from_spec, load_mm_student
 
 __all__ = ["EDMDenoiser", "MixtureResidualDenoiser", "build_denoiser", "denoiser_from_teacher", "WEIGHTS",
-           "MomentMatching", "loss_weight", "PRECONDITIONERS", "ParameterMomentMatching", "MMStudent", "build_mm_student_from_spec", "load_mm_student",
+           "MomentMatching", "loss_weight", "PRECONDITIONERS", "ParameterMomentMatching", "MMStudent",
+           "build_mm_student_from_spec", "load_mm_student",
            "build_mm_run"]
 
 

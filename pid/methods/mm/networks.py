@@ -54,7 +54,8 @@ class MixtureAdjust(nn.Module):
     For log σ it gives [N, K+2]: K logit offsets b_k(σ), a log-scale γ(σ) of the distance term and a log-gain
     h(σ) of the within-component shrinkage, each a linear function of `n_basis` Gaussian bumps spread over
     log σ ∈ [log σ_lo, log σ_hi]. The mixture denoiser then uses
-        w = softmax(log π_k + b_k − e^γ ‖x − μ_k‖² / 2(s² + σ²)),  D = Σ_k w_k μ_k + e^h s²/(s² + σ²) (x − Σ_k w_k μ_k),
+        w = softmax(log π_k + b_k − e^γ ‖x − μ_k‖² / 2(s² + σ²)),
+        D = Σ_k w_k μ_k + e^h s²/(s² + σ²) (x − Σ_k w_k μ_k),
     i.e. the teacher's family with σ-dependent weights, sharpness and within-component spread, which is where a
     few-step sampler of a mixture errs (mode frequencies, too-smooth samples).
     """
@@ -153,7 +154,8 @@ def denoiser_from_teacher(teacher: nn.Module, teacher_spec: str | None, preset: 
         kwargs = copy.deepcopy(dict(kwargs))
         return EDMDenoiser(copy_), {"kind": "edm", "class": cls, "kwargs": kwargs, "teacher": teacher_spec}
     if not (hasattr(teacher, "means") and hasattr(teacher, "component_of")):
-        raise ConfigError(f"moment matching needs an EDM network pickle or a built-in teacher, got {type(teacher).__name__}")
+        raise ConfigError(f"moment matching needs an EDM network pickle or a built-in teacher, "
+                          f"got {type(teacher).__name__}")
     preset = preset or f"glyphs{teacher.img_resolution}"
     net, network = build_preset_network(preset, teacher.img_resolution, teacher.img_channels, teacher.label_dim, seed)
     _zero_output_layers(net, teacher.img_channels)
