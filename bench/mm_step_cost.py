@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -24,7 +23,7 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pid_step_cost import _peak_bytes  # noqa: E402  (CUDA: max allocated; CPU: peak RSS)
+from pid_step_cost import _peak_bytes, measure_in_subprocess  # noqa: E402  (CUDA: max allocated; CPU: peak RSS)
 
 NETS = {"cifar10": "edm-cifar10-32x32-cond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}
 
@@ -104,14 +103,9 @@ def main(nets, algorithms, batch, repeats, device, one):
     if one:
         print(json.dumps(measure(nets, algorithms, batch, repeats, torch.device(device))))
         return
-    rows = []
-    for net in nets.split(","):
-        for alg in algorithms.split(","):
-            cmd = [sys.executable, os.path.abspath(__file__), f"--nets={net}", f"--algorithms={alg}",
-                   f"--batch={batch}", f"--repeats={repeats}", f"--device={device}", "--one"]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = [measure_in_subprocess(__file__, [f"--nets={net}", f"--algorithms={alg}", f"--batch={batch}",
+                                             f"--repeats={repeats}", f"--device={device}"])
+            for net in nets.split(",") for alg in algorithms.split(",")]
     print("| network | algorithm | trainable params | batch | aux step (s) | generator step (s) | mean step (s) "
           "| peak RSS (GiB) | peak above standing state, per sample (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")

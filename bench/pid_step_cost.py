@@ -85,6 +85,15 @@ def measure(net: str, batch: int, distance: str, repeats: int, device: torch.dev
             "threads": torch.get_num_threads()}
 
 
+def measure_in_subprocess(script: str, args: list[str]) -> dict:
+    """Run `script args --one` in a fresh process (each row's peak memory starts from zero) and return the JSON
+    dict of its last output line."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.abspath(script), *args, "--one"], capture_output=True, text=True,
+                         check=True, cwd=repo)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @click.command()
 @click.option("--nets", default="cifar10,imagenet64", help="Comma-separated: cifar10, imagenet64")
 @click.option("--batch", type=int, default=2, help="Images per step (the student runs on 2x this)")
@@ -97,13 +106,9 @@ def main(nets, batch, distance, repeats, device, one):
     if one:
         print(json.dumps(measure(nets, batch, distance, repeats, torch.device(device))))
         return
-    rows = []
-    for net in nets.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), f"--nets={net}", f"--batch={batch}", f"--distance={distance}",
-               f"--repeats={repeats}", f"--device={device}", "--one"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = [measure_in_subprocess(__file__, [f"--nets={net}", f"--batch={batch}", f"--distance={distance}",
+                                             f"--repeats={repeats}", f"--device={device}"])
+            for net in nets.split(",")]
     print(f"| network | params | batch | distance | teacher fwd (s) | student fwd+bwd, 2B (s) | distance fwd+bwd (s) "
           f"| step (s) | peak memory per sample (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
