@@ -93,11 +93,17 @@ class GaussianMixtureTeacher(nn.Module):
         std: the component std as a float64 scalar tensor instead of `self.std` (Algorithm 3 differentiates it).
         """
         var = self._variance(sigma, x.shape[0], x.device, std)
-        w = torch.softmax(self._logits(x, var, class_labels), dim=1)  # softmax subtracts the max: stable
-        mean = (w @ self.means.reshape(self.means.shape[0], -1)).reshape(x.shape)
-        shrink = (((self.std if std is None else std) ** 2) / var).reshape(-1, 1, 1, 1)
-        out = mean + shrink * (x.to(torch.float64) - mean)
+        out = self.combine(x, self._logits(x, var, class_labels), ((self.std if std is None else std) ** 2) / var)
         return out.to(x.dtype) if x.is_floating_point() else out
+
+    def combine(self, x: torch.Tensor, logits: torch.Tensor, shrink: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_k μ_k + shrink·(x − Σ_k w_k μ_k) with w = softmax(logits), float64 [N,C,H,W].
+
+        logits [N,K] (or [1,K]); shrink [N,1] or scalar: s²/(s² + σ²) for the exact denoiser."""
+        w = torch.softmax(logits, dim=1)  # softmax subtracts the max: stable
+        mean = (w @ self.means.reshape(self.means.shape[0], -1)).reshape(x.shape)
+        shrink = torch.as_tensor(shrink, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
+        return mean + shrink * (x.to(torch.float64) - mean)
 
     def component_of(self, x: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Most likely component (posterior argmax at σ=0) of each image, int64 [N]."""

@@ -100,10 +100,8 @@ class MixtureResidualDenoiser(nn.Module):
             prior, dist = t._prior(class_labels, x.shape[0]), t._sq_dist(x) / (2 * var)
         a = self.adjust(sigma).double()
         k = t.means.shape[0]
-        w = torch.softmax(prior + a[:, :k] - a[:, k:k + 1].exp() * dist, dim=1)
-        mean = (w @ t.means.reshape(k, -1)).reshape(x.shape)
-        shrink = (a[:, k + 1:].exp() * t.std ** 2 / var).reshape(-1, 1, 1, 1)
-        return (mean + shrink * (x.double() - mean)).float()
+        logits = prior + a[:, :k] - a[:, k:k + 1].exp() * dist
+        return t.combine(x, logits, a[:, k + 1:].exp() * t.std ** 2 / var).float()
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         x = x.float()
