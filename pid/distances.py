@@ -115,10 +115,10 @@ def load_vgg16_features(path: str | None = None, download: bool = True) -> dict[
         raise DownloadError(f"VGG16 weights file not found: {path}. Pass the path of torchvision's "
                             f"vgg16-397923af.pth (--lpips-vgg), or choose another distance "
                             f"(--loss=l2|l1|pseudo-huber).")
+    reason = ""
     if download:
         import torchvision
         from pid.download import download_lock
-        reason = ""
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with download_lock(target):   # a torchrun job's ranks: one downloads, the others read its file
@@ -128,8 +128,6 @@ def load_vgg16_features(path: str | None = None, download: bool = True) -> dict[
             reason = f" ({type(exc).__name__}: {exc})"
         if not reason:   # another process fetched it while this one waited
             return _read_vgg16(target)
-    else:
-        reason = ""
     url = __import__("torchvision").models.VGG16_Weights.IMAGENET1K_V1.url
     raise DownloadError(f"LPIPS needs torchvision's ImageNet VGG16 weights, which are not in the cache {target} and "
                         f"could not be downloaded{reason}. Download {url} to that path (or pass its location with "

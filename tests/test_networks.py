@@ -49,6 +49,14 @@ def _build(data: dict) -> torch.nn.Module:
     return PRECOND_CLASSES[kwargs["precond_class"]](**kwargs["edm_constructor_kwargs"])
 
 
+def _golden_network(edm_vectors, name: str) -> tuple[dict, torch.nn.Module]:
+    """(the vector file's contents, its network built with its init kwargs and golden weights, in eval mode)."""
+    d = _vector(edm_vectors, name)
+    net = _build(d)
+    net.load_state_dict(d["state_dict"])
+    return d, net.eval()
+
+
 def _outputs(net: torch.nn.Module, d: dict) -> dict:
     """Our outputs for every golden output present in the vector file."""
     out = {"D": net(d["x"], d["sigma"], d["class_labels"]),
@@ -62,10 +70,7 @@ def _outputs(net: torch.nn.Module, d: dict) -> dict:
 
 @pytest.mark.parametrize("name", _network_files())
 def test_forward_matches_edm(edm_vectors, name):
-    d = _vector(edm_vectors, name)
-    net = _build(d)
-    net.load_state_dict(d["state_dict"])
-    net.eval()
+    d, net = _golden_network(edm_vectors, name)
     with torch.no_grad():
         outputs = _outputs(net, d)
     report = []
@@ -240,10 +245,7 @@ def test_preconditioner_runs_under_autocast(dtype):
 @pytest.mark.parametrize("name", _network_files())
 def test_sdpa_attention_matches_edm(edm_vectors, name):
     """--attention=sdpa: the golden outputs within the same tolerance, and gradients within float32 rounding."""
-    d = _vector(edm_vectors, name)
-    net = _build(d)
-    net.load_state_dict(d["state_dict"])
-    net.eval()
+    d, net = _golden_network(edm_vectors, name)
     assert set_attention(net, "sdpa") > 0, f"{name} has no attention block"
     x = d["x"].clone().requires_grad_(True)
     ours = net(x, d["sigma"], d["class_labels"])
