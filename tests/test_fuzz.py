@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 import edm_networks
 from edm_networks import NetworkPickleError, load_network_pickle
-from edm_pickle_writer import dumps, snapshot
+from edm_networks.pickle_writer import dumps, snapshot
 
 CASE_SECONDS = 5.0   # bound per case; typical cases take milliseconds
 

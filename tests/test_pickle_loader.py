@@ -1,4 +1,4 @@
-"""Tests of edm_networks.load_network_pickle: EDM-format pickles written by tests/edm_pickle_writer.py load
+"""Tests of edm_networks.load_network_pickle: EDM-format pickles written by edm_networks/pickle_writer.py load
 into working networks; hostile pickles are refused and provably run nothing; bad files give clear errors."""
 
 import collections
@@ -15,7 +15,7 @@ import torch
 import edm_networks
 from edm_networks import InertRecord, NetworkPickleError, UnsafePickleError, load_network_pickle
 from edm_networks.presets import build_preset
-from edm_pickle_writer import (GlobalRef, Reduced, dumps, module_record, persistent, scan, snapshot,
+from edm_networks.pickle_writer import (GlobalRef, Reduced, dumps, module_record, persistent, scan, snapshot,
                                snapshot_bytes)
 
 # One small golden network per preconditioner (docs/edm.md §11).

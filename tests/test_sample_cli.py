@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import edm_networks
-from edm_pickle_writer import snapshot_bytes
+from edm_networks.pickle_writer import snapshot_bytes
 from pid.images import to_uint8
 from pid.samplers import ancestral_sampler, edm_sampler
 from pid.seeds import StackedRandomGenerator

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import edm_networks
-from edm_pickle_writer import snapshot_bytes
+from edm_networks.pickle_writer import snapshot_bytes
 from pid.download import cache_path_for
 from pid.errors import CheckpointError, ConfigError, DownloadError
 from pid.teachers import EDMTeacher, load_teacher

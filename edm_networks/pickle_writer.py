@@ -1,4 +1,7 @@
-"""Test helper: write pickles in NVIDIA EDM's persistence format from our networks (docs/edm.md §5).
+"""Write pickles in NVIDIA EDM's persistence format from our networks (docs/edm.md §5).
+
+Used by the tests (valid and hostile files) and by `pid.make_teacher`, which ships the built-in network teachers
+as ordinary EDM pickles that load through `load_network_pickle` exactly as a user's file does.
 
 The layout mirrors what EDM's export writes (protocol 4; globals and opcodes as measured in
 ``edm_vectors/pickle_format.json``): every network object is ``_reconstruct_persistent_obj(meta)`` with
@@ -6,7 +9,7 @@ The layout mirrors what EDM's export writes (protocol 4; globals and opcodes as 
 (NEWOBJ + BUILD), tensors go through torch's own ``_rebuild_parameter`` / ``_rebuild_tensor_v2`` /
 ``_load_from_bytes`` reducers, and float constants are numpy float64 scalars. The embedded module source is a
 placeholder string, never EDM's code. Names are written without importing them, which also lets the tests
-build hostile pickles (``os.system``, ``builtins.eval``, unknown persistent classes).
+build hostile pickles (``os.system``, ``builtins.eval``, unknown persistent classes). Imports torch and numpy only.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 # Long enough (> 255 characters) to be written with BINUNICODE, as EDM's real module sources are.
 PLACEHOLDER_SOURCE = (
     "# Placeholder for the module source that EDM's persistence decorator embeds in every pickle.\n"
-    "# It was written by pid's test suite and contains no code from EDM. A safe loader must never\n"
+    "# It was written by pid's pickle writer and contains no code from EDM. A safe loader must never\n"
     "# execute it; EDM's own loader would exec() whatever text stands here.\n")
 # Module attributes of torch 1.12 (the release era): fewer hook dicts than today's torch.
 TORCH112_MODULE_KEYS = ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_backward_hooks",
@@ -187,7 +190,8 @@ def snapshot(net: torch.nn.Module, *, init_kwargs: Optional[dict] = None, loss: 
         "loss_fn": loss_record(loss, module_src),
         "augment_pipe": augment_record(module_src) if augment else None,
         "dataset_kwargs": dict(class_name="training.dataset.ImageFolderDataset", path="datasets/x.zip",
-                               use_labels=True, xflip=False, cache=True, resolution=16, max_size=1000),
+                               use_labels=True, xflip=False, cache=True,
+                               resolution=int(getattr(net, "img_resolution", 16)), max_size=1000),
     }
 
 
