@@ -23,7 +23,7 @@ from pid.errors import CheckpointError, ConfigError
 from pid.images import save_grid, save_npz, save_pngs, to_uint8
 from pid.samplers import ablation_sampler, ancestral_sampler, edm_sampler
 from pid.seeds import StackedRandomGenerator, parse_seeds, split_seeds
-from pid.teachers import BUILTIN_PREFIX, load_teacher
+from pid.teachers import BUILTIN_PREFIX, load_teacher, teacher_names
 
 GRID_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # PIL picks the image format from the extension
 
@@ -69,7 +69,7 @@ def load_generator(spec: str, device: torch.device):
         return _load_student(spec, kind, device), True
     if not spec.startswith(BUILTIN_PREFIX) and not os.path.isfile(spec) and "://" not in spec:
         raise CheckpointError(f"--ckpt {spec}: no such file. Give an EDM network pickle, a student checkpoint "
-                              f"(.pt), an http(s) URL, or builtin:glyphs32 / builtin:glyphs16.")
+                              f"(.pt), an http(s) URL, or {teacher_names()}.")
     return load_teacher(spec, device=device), False
 
 

@@ -11,6 +11,8 @@ setup(
     python_requires=">=3.10",  # PEP 604 unions (str | None) are evaluated at run time in places
     packages=find_packages(include=["pid", "pid.*", "edm_networks", "edm_networks.*"]),
     py_modules=["train_pid", "train_mm", "sample", "fid"],
+    # the built-in network teachers (EDM network pickles made by `python -m pid.make_teacher`) and their sha256 sums
+    package_data={"pid": ["assets/*.pkl", "assets/SHA256SUMS", "assets/*.json"]},
     install_requires=[
         "torch>=2.6",  # torch.nn.utils.get_total_norm / clip_grads_with_norm_, torch.func.jvp over functional_call
         "torchvision",

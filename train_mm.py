@@ -45,7 +45,7 @@ def build_run(opts: dict):
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Recipe (imagenet64: the paper's, k=8, batch 2048, lr 1e-5, bf16; cifar10: k=2, batch 512, "
                    "lr 5e-6); other options override it")
-@click.option("--teacher", default=None, help="EDM pickle path/URL or builtin:glyphs16|glyphs32  [default: builtin:glyphs16]")
+@click.option("--teacher", default=None, help="EDM pickle path/URL or builtin:glyphs16|glyphs32|glyphs16-net  [default: builtin:glyphs16]")
 @click.option("--data", default=None, help="Training images: EDM dataset zip or image folder  [default: exact samples "
                                            "for built-in teachers; required for EDM teachers]")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None,

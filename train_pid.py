@@ -49,7 +49,7 @@ def build_run(opts: dict):
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Reference recipe (cifar10: RAdam 2e-4, batch 512, N=250, LPIPS, fp32; imagenet64: 1e-4, "
                    "batch 2048, fp16); other options override it")
-@click.option("--teacher", default=None, help="EDM pickle path/URL or builtin:glyphs16|glyphs32  [default: builtin:glyphs16]")
+@click.option("--teacher", default=None, help="EDM pickle path/URL or builtin:glyphs16|glyphs32|glyphs16-net  [default: builtin:glyphs16]")
 @click.option("--student-preset", default=None, help="Student network for teachers without one (tiny, glyphs16, "
                                                    "glyphs32, glyphs16-ddpmpp, glyphs32-ddpmpp)  [default: "
                                                    "glyphs<resolution>]")

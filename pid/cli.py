@@ -144,17 +144,23 @@ def parse_floats(text, option: str):
         raise ConfigError(f"{option} expects comma-separated numbers, got {text!r}") from None
 
 
-def merge_options(default: dict, presets: dict, preset, given: dict, edm_base: str | None = None) -> dict:
+def merge_options(default: dict, presets: dict, preset, given: dict, edm_base: str | None = None,
+                  teacher_recipes: dict | None = None) -> dict:
     """Embedded default ← preset ← options given explicitly (None means "not given").
 
-    An EDM teacher given without a preset starts from preset `edm_base` (the real-teacher recipe, not the toy one).
+    An EDM teacher given without a preset starts from preset `edm_base` (the real-teacher recipe, not the toy one);
+    a built-in teacher with an entry in `teacher_recipes` (the network teachers) starts from the default updated by
+    that entry.
     """
     if preset is not None and preset not in presets:
         raise ConfigError(f"unknown --preset={preset!r}; choose one of {', '.join(presets)}")
     opts = dict(default)
+    teacher = given.get("teacher")
     if preset is not None:
         opts.update(presets[preset])
-    elif edm_base and given.get("teacher") is not None and not str(given["teacher"]).startswith("builtin:"):
+    elif teacher is not None and str(teacher) in (teacher_recipes or {}):
+        opts.update(teacher_recipes[str(teacher)])
+    elif edm_base and teacher is not None and not str(teacher).startswith("builtin:"):
         opts.update({k: v for k, v in presets[edm_base].items() if k not in ("teacher", "fid_ref")})
     opts.update({k: v for k, v in given.items() if v is not None})
     return opts

@@ -217,12 +217,15 @@ class MixtureSource:
 def make_data_source(spec: Optional[str], teacher, seed: int):
     """The data source for `--data=spec`: a checked DatasetSource for a path, else the mixture's own samples.
 
-    teacher: any teacher with img_resolution, img_channels, label_dim. Without a spec only a
-    GaussianMixtureTeacher works, since an EDM network has no data distribution to sample from.
+    teacher: any teacher with img_resolution, img_channels, label_dim. Without a spec only a teacher with a known
+    data distribution works (a GaussianMixtureTeacher, or a built-in network teacher's `.data_distribution`, the
+    mixture it was trained on), since an EDM network of unknown data has no distribution to sample from.
     """
     if spec is None:
-        if isinstance(teacher, GaussianMixtureTeacher):
-            return MixtureSource(teacher)
+        from pid.teachers import data_distribution
+        mixture = data_distribution(teacher)
+        if isinstance(mixture, GaussianMixtureTeacher):
+            return MixtureSource(mixture)
         raise ConfigError("moment matching needs training data: pass --data=dataset.zip (EDM dataset_tool "
                           "format) or an image folder")
     dataset = open_dataset(spec)

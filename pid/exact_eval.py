@@ -15,7 +15,7 @@ import torch
 
 from pid.samplers import edm_sampler
 
-__all__ = ["reference_endpoints", "heun_endpoints", "exact_metrics", "mixture_moments", "target_moments",
+__all__ = ["REFERENCE_STEPS", "reference_endpoints", "heun_endpoints", "exact_metrics", "mixture_moments", "target_moments",
            "component_weights", "distribution_metrics"]
 
 
@@ -35,13 +35,22 @@ def heun_endpoints(teacher, latents: torch.Tensor, class_labels: Optional[torch.
     return torch.cat(outs)
 
 
+# Heun steps of the reference ODE solution: 512 for an analytic teacher (each call costs microseconds), 64 for a
+# network teacher, whose calls are a U-Net's (Heun's error falls as h²: on builtin:glyphs16, 40 steps were already
+# within RMSE 0.001 of 512; for builtin:glyphs16-net, 64 steps against 256 are measured in BENCHMARKS.md).
+REFERENCE_STEPS = {"analytic": 512, "network": 64}
+
+
 def reference_endpoints(teacher, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
-                        num_steps: int = 512, chunk: int = 1000) -> torch.Tensor:
+                        num_steps: Optional[int] = None, chunk: int = 1000) -> torch.Tensor:
     """Endpoints of the teacher's ODE from unit-normal latents [N,C,H,W]: float64 [N,C,H,W].
 
-    Deterministic EDM Heun sampler with `num_steps` steps (NFE 2*num_steps-1) in float64; latents are scaled
-    by σ_max inside, exactly as `edm_sampler` does, so endpoints match sampler outputs seed for seed.
+    Deterministic EDM Heun sampler with `num_steps` steps (NFE 2*num_steps-1; default `REFERENCE_STEPS`, by
+    whether the teacher is analytic or a network) in float64; latents are scaled by σ_max inside, exactly as
+    `edm_sampler` does, so endpoints match sampler outputs seed for seed.
     """
+    if num_steps is None:
+        num_steps = REFERENCE_STEPS["analytic" if hasattr(teacher, "component_of") else "network"]
     return heun_endpoints(teacher, latents, class_labels, num_steps, chunk)
 
 

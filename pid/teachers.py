@@ -1,10 +1,14 @@
 """`load_teacher(spec)`: the teacher a user has, as one frozen denoiser `D(x, sigma, class_labels=None)`.
 
-spec is an EDM network pickle (path, or http(s) URL downloaded once into the cache) or `builtin:<name>` for a
-built-in analytic teacher (`pid.toy`). Every teacher exposes img_resolution, img_channels, label_dim,
-sigma_min, sigma_max and sigma_data; EDM teachers also expose the wrapped preconditioner as `.net`.
+spec is an EDM network pickle (path, or http(s) URL downloaded once into the cache), `builtin:<name>` for a
+built-in analytic teacher (`pid.toy`), or `builtin:<name>-net` for a built-in network teacher: an EDM network
+pickle shipped in `pid/assets/`, trained on the mixture `builtin:<name>` by `python -m pid.make_teacher`. Every
+teacher exposes img_resolution, img_channels, label_dim, sigma_min, sigma_max and sigma_data; EDM teachers also
+expose the wrapped preconditioner as `.net`, and a built-in network teacher the mixture it learned as
+`.data_distribution` (for exact data and exact scores; its denoiser is the network alone).
 """
 
+import hashlib
 import math
 import os
 import pickle
@@ -15,11 +19,52 @@ import torch
 from torch import nn
 
 from pid.download import cached_path, is_url
-from pid.errors import CheckpointError
+from pid.errors import CheckpointError, ConfigError
 
-__all__ = ["EDMTeacher", "load_teacher", "BUILTIN_PREFIX", "default_sigma_range"]
+__all__ = ["EDMTeacher", "load_teacher", "BUILTIN_PREFIX", "BUILTIN_NETWORKS", "builtin_network_path",
+           "default_sigma_range", "data_distribution", "teacher_names"]
 
 BUILTIN_PREFIX = "builtin:"
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+# builtin:<name> -> (file in pid/assets, the built-in mixture it was trained on). The files' sha256 sums are in
+# pid/assets/SHA256SUMS and are checked on every load.
+BUILTIN_NETWORKS = {"glyphs16-net": ("glyphs16-net.pkl", "glyphs16")}
+
+
+def teacher_names() -> str:
+    """'builtin:glyphs32 / builtin:glyphs16 / builtin:glyphs16-net', for messages."""
+    from pid.toy import BUILTIN_TEACHERS
+    return " / ".join(BUILTIN_PREFIX + n for n in [*BUILTIN_TEACHERS, *BUILTIN_NETWORKS])
+
+
+def data_distribution(teacher):
+    """The analytic mixture a teacher stands for: itself (built-in analytic teacher), the mixture a built-in
+    network teacher learned (`.data_distribution`), or None (an EDM pickle of unknown data)."""
+    if hasattr(teacher, "component_of") and hasattr(teacher, "log_prob"):
+        return teacher
+    return getattr(teacher, "data_distribution", None)
+
+
+def builtin_network_path(name: str) -> str:
+    """Path of the shipped pickle of `builtin:<name>`, after checking its sha256 against pid/assets/SHA256SUMS."""
+    file, _ = BUILTIN_NETWORKS[name]
+    path = os.path.join(ASSETS, file)
+    sums = {}
+    try:
+        with open(os.path.join(ASSETS, "SHA256SUMS"), encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    digest, fname = line.split()
+                    sums[fname.lstrip("*")] = digest
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"The built-in teacher builtin:{name} cannot be read ({exc}); reinstall pid "
+                              f"(pip install -e .) or rebuild it with python -m pid.make_teacher.") from None
+    if sums.get(file) != digest:
+        raise CheckpointError(f"{path} does not match its sha256 in pid/assets/SHA256SUMS (the file was changed or "
+                              f"damaged); restore it (git checkout pid/assets) or reinstall pid.")
+    return path
 
 
 def default_sigma_range(teacher: nn.Module) -> tuple:
@@ -69,7 +114,7 @@ def _load_edm_pickle(path: str, spec: str) -> EDMTeacher:
     import edm_networks  # heavy-ish; only for EDM teachers
     if not os.path.isfile(path):
         raise CheckpointError(f"Teacher file not found: {path}. Pass an EDM network pickle (.pkl), an http(s) "
-                              f"URL, or builtin:glyphs32 / builtin:glyphs16.")
+                              f"URL, or {teacher_names()}.")
     try:
         data = edm_networks.load_network_pickle(path)
     except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
@@ -80,17 +125,30 @@ def _load_edm_pickle(path: str, spec: str) -> EDMTeacher:
     return EDMTeacher(data["ema"], spec)
 
 
+def _is_analytic(name: str) -> bool:
+    from pid.toy import BUILTIN_TEACHERS
+    return name in BUILTIN_TEACHERS
+
+
 def load_teacher(spec: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None) -> nn.Module:
     """Load a teacher as a frozen denoiser module (eval mode, parameters without grad) on `device`.
 
     spec: path of an EDM network pickle, an http(s) URL of one (cached download; offline raises
-    `DownloadError` naming the URL and the cache path), or `builtin:glyphs32` / `builtin:glyphs16`.
+    `DownloadError` naming the URL and the cache path), `builtin:glyphs32` / `builtin:glyphs16` (analytic), or
+    `builtin:glyphs16-net` (the shipped network teacher: an EDMTeacher with `.data_distribution`).
     Unknown built-in names raise `ConfigError`; missing or unreadable files raise `CheckpointError`
     (or `edm_networks`' own pickle errors, which the CLIs also print as one line).
     """
     spec = os.fspath(spec)
     if spec.startswith(BUILTIN_PREFIX):
         from pid.toy import builtin_teacher
-        return _freeze(builtin_teacher(spec[len(BUILTIN_PREFIX):]), device)
+        name = spec[len(BUILTIN_PREFIX):]
+        if name in BUILTIN_NETWORKS:
+            teacher = _load_edm_pickle(builtin_network_path(name), spec)
+            teacher.data_distribution = builtin_teacher(BUILTIN_NETWORKS[name][1])
+            return _freeze(teacher, device)
+        if not _is_analytic(name):
+            raise ConfigError(f"Unknown built-in teacher {spec!r}. Available: {teacher_names().replace(' /', ',')}.")
+        return _freeze(builtin_teacher(name), device)
     path = cached_path(spec) if is_url(spec) else spec
     return _freeze(_load_edm_pickle(path, spec), device)

@@ -84,9 +84,11 @@ class _Evaluator:
         self.distributed = distributed
         self.exact = fid_ref is None
         if self.exact:
-            if not (hasattr(teacher, "component_of") and hasattr(teacher, "log_prob")):
+            from pid.teachers import data_distribution
+            self.mixture = data_distribution(teacher)   # scores; the ODE endpoints are the teacher's own
+            if self.mixture is None:
                 raise ConfigError("Evaluation during training needs --fid-ref (reference statistics from `fid.py "
-                                  "ref`) unless the teacher is a built-in analytic one (builtin:<name>).")
+                                  "ref`) unless the teacher is a built-in one (builtin:<name>).")
             self.references: Optional[List[torch.Tensor]] = None  # per local batch, computed on first use
         else:
             self.ref_mu, self.ref_sigma = load_stats(fid_ref)
@@ -142,7 +144,7 @@ class _Evaluator:
             self.references = [reference_endpoints(self.teacher, z, c) for z, c in inputs]
         images = torch.cat([generator.generate(z, c).to(torch.float64) for z, c in inputs])
         labels = None if inputs[0][1] is None else torch.cat([c for _z, c in inputs])
-        metrics = exact_metrics(self.teacher, images, torch.cat(self.references).to(images.device), labels)
+        metrics = exact_metrics(self.mixture, images, torch.cat(self.references).to(images.device), labels)
         if world > 1:  # every value is a mean over images: weight by the local count and sum
             import torch.distributed as dist
             keys = sorted(metrics)
@@ -166,7 +168,7 @@ class _Evaluator:
         dim = int(np.prod(shape))
         images = table[:, :dim].reshape(-1, *shape)
         labels = table[:, dim:] if generator.label_dim else None
-        return distribution_metrics(self.teacher, images, labels)
+        return distribution_metrics(self.mixture, images, labels)
 
 
 def make_evaluator(teacher, *, num: int, fid_ref: Optional[str], detector: Optional[str] = None, batch: int = 64,
@@ -182,9 +184,10 @@ def make_evaluator(teacher, *, num: int, fid_ref: Optional[str], detector: Optio
     lowest `metrics[primary]` (mode 'min': lower is better).
     * `fid_ref` given: metrics `fid` (primary) plus `is`, `is_std` (Inception Score, `splits` splits) when the
       detector is the Inception network and num >= splits. `detector` as in `fid.py --detector`.
-    * `fid_ref` None and a built-in analytic teacher (has `component_of`, `log_prob`): metrics `rmse` (primary),
-      `component_accuracy`, `log_likelihood`, `data_log_likelihood` from `pid.exact_eval`; the reference
-      endpoints are computed on the first call and cached. For a stochastic generator (`stochastic = True`,
+    * `fid_ref` None and a built-in teacher (an analytic one, or a network one with `.data_distribution`): metrics
+      `rmse` (primary), `component_accuracy`, `log_likelihood`, `data_log_likelihood` from `pid.exact_eval`,
+      scored under the mixture; the reference endpoints are the teacher's own ODE endpoints
+      (`pid.exact_eval.reference_endpoints`), computed on the first call and cached. For a stochastic generator (`stochastic = True`,
       called as `generate(latents, labels, randn_like=...)` with the seeds' own noise): `fd_exact` (primary),
       `component_tv`, `rms_to_mean` and their `data_*` floors from `pid.exact_eval.distribution_metrics`.
     * otherwise: ConfigError (an EDM teacher needs `--fid-ref`).

@@ -11,7 +11,8 @@ from typing import Optional
 
 from pid.methods.pid.recipes import EDM_PRETRAINED
 
-__all__ = ["MMConfig", "DEFAULT_RECIPE", "PRESETS", "ALGORITHMS", "resolve_options", "mm_config_from"]
+__all__ = ["MMConfig", "DEFAULT_RECIPE", "PRESETS", "TEACHER_RECIPES", "ALGORITHMS", "resolve_options",
+           "mm_config_from"]
 
 ALGORITHMS = ("alternating", "parameter")
 
@@ -78,10 +79,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Built-in network teachers (EDM pickles trained on a built-in mixture, pid.make_teacher): generator and auxiliary
+# denoiser are copies of the teacher network, as for any EDM teacher (no mixture corrections, no mixture θ), data
+# are exact mixture samples; learning rate measured for a copied network (BENCHMARKS.md, "Network teacher").
+TEACHER_RECIPES: dict[str, dict] = {
+    "builtin:glyphs16-net": dict(lr=5e-4),
+}
+
+
 def resolve_options(preset: Optional[str], given: dict) -> dict:
     """Merge: embedded default ← preset ← options given explicitly (None means "not given")."""
     from pid.cli import merge_options
-    return merge_options(DEFAULT_RECIPE, PRESETS, preset, given, edm_base="cifar10")
+    return merge_options(DEFAULT_RECIPE, PRESETS, preset, given, edm_base="cifar10", teacher_recipes=TEACHER_RECIPES)
 
 
 def mm_config_from(opts: dict) -> MMConfig:

@@ -12,7 +12,8 @@ from typing import Optional
 
 from pid.errors import ConfigError
 
-__all__ = ["PIDConfig", "EDM_PRETRAINED", "DEFAULT_RECIPE", "PRESETS", "resolve_options", "pid_config_from"]
+__all__ = ["PIDConfig", "EDM_PRETRAINED", "DEFAULT_RECIPE", "PRESETS", "TEACHER_RECIPES", "resolve_options",
+           "pid_config_from"]
 
 EDM_PRETRAINED = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 
@@ -77,13 +78,21 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Built-in network teachers (EDM pickles trained on a built-in mixture, pid.make_teacher): the student is a copy of
+# the teacher's U-Net, as for any EDM teacher; the rest is the embedded default's CPU-sized recipe, with the
+# learning rate measured for a copied network (BENCHMARKS.md, "Network teacher").
+TEACHER_RECIPES: dict[str, dict] = {
+    "builtin:glyphs16-net": dict(lr=2e-3),
+}
+
+
 def resolve_options(preset: Optional[str], given: dict) -> dict:
     """Merge: embedded default ← preset ← options given explicitly (None means "not given").
 
     An EDM teacher without a preset gets the reference's settings (as --preset=cifar10), not the toy ones.
     """
     from pid.cli import merge_options
-    return merge_options(DEFAULT_RECIPE, PRESETS, preset, given, edm_base="cifar10")
+    return merge_options(DEFAULT_RECIPE, PRESETS, preset, given, edm_base="cifar10", teacher_recipes=TEACHER_RECIPES)
 
 
 def pid_config_from(opts: dict) -> PIDConfig:

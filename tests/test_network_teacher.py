@@ -1,0 +1,120 @@
+"""The shipped network teacher builtin:glyphs16-net: an ordinary EDM pickle, a trained denoiser, the EDM path."""
+
+import hashlib
+import os
+import shutil
+
+import pytest
+import torch
+
+import edm_networks
+import pid.teachers as teachers
+from pid.errors import CheckpointError
+from pid.make_teacher import TEACHER_NETWORKS, build_teacher_network, denoiser_error
+from pid.teachers import EDMTeacher, builtin_network_path, load_teacher
+from pid.toy import builtin_teacher
+
+# Relative denoiser error at each σ: RMS(D_net − D_exact) / RMS(x − D_exact), the error against the correction
+# the denoiser has to make. The shipped file measured 0.077, 0.047, 0.016, 0.013 at these σ (BENCHMARKS.md,
+# "Network teacher"); an untrained network of the same architecture is at 1.1 and 1.0 at the two smallest.
+SIGMAS = (0.05, 0.2, 1.0, 5.0)
+BOUND = 0.25
+
+
+def _relative_errors(net, mixture):
+    errs = denoiser_error(net, mixture, sigmas=SIGMAS, num=300, seed=7)
+    return {s: v["rms_error"] / v["rms_correction"] for s, v in errs.items()}
+
+
+def test_loads_through_the_safe_loader_as_an_edm_pickle():
+    path = builtin_network_path("glyphs16-net")
+    data = edm_networks.load_network_pickle(path)
+    assert isinstance(data["ema"], edm_networks.EDMPrecond)
+    assert type(data["ema"].model).__name__ == "DhariwalUNet"
+    teacher = load_teacher("builtin:glyphs16-net")
+    assert isinstance(teacher, EDMTeacher) and teacher.net.model is not None
+    assert (teacher.img_resolution, teacher.img_channels, teacher.label_dim) == (16, 3, 10)
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert teacher.data_distribution.name == "builtin:glyphs16"
+    # the denoiser is the network: its output is the preconditioner's, not the mixture's
+    x, labels = torch.randn(4, 3, 16, 16), torch.eye(10)[:4]
+    torch.testing.assert_close(teacher(x, 1.0, labels), data["ema"](x, torch.ones(4), labels))
+    assert not torch.allclose(teacher(x, 1.0, labels), teacher.data_distribution(x, 1.0, labels).float(), atol=1e-3)
+    assert os.path.getsize(path) < 16 * 2 ** 20
+
+
+def test_denoiser_is_close_to_the_exact_one_and_an_untrained_network_is_not():
+    mixture = builtin_teacher("glyphs16")
+    shipped = _relative_errors(load_teacher("builtin:glyphs16-net").net, mixture)
+    assert max(shipped.values()) < BOUND, shipped
+    untrained = build_teacher_network(TEACHER_NETWORKS["glyphs16"], 16, 3, 10, seed=3).eval()
+    with torch.no_grad():  # EDM's zero-initialised output layer makes D = c_skip·x: perturb it like a broken file
+        for p in untrained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert max(_relative_errors(untrained, mixture).values()) > BOUND
+
+
+def test_a_changed_file_is_refused_with_the_fix(tmp_path, monkeypatch):
+    assets = tmp_path / "assets"
+    shutil.copytree(teachers.ASSETS, assets)
+    with open(assets / "glyphs16-net.pkl", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00")
+    monkeypatch.setattr(teachers, "ASSETS", str(assets))
+    with pytest.raises(CheckpointError, match="sha256.*restore it"):
+        load_teacher("builtin:glyphs16-net")
+
+
+def test_sha256sums_match_the_shipped_files():
+    with open(os.path.join(teachers.ASSETS, "SHA256SUMS"), encoding="utf-8") as f:
+        rows = [line.split() for line in f if line.strip()]
+    assert {name for _, name in rows} == {file for file, _ in teachers.BUILTIN_NETWORKS.values()}
+    for digest, name in rows:
+        with open(os.path.join(teachers.ASSETS, name), "rb") as g:
+            assert hashlib.sha256(g.read()).hexdigest() == digest
+
+
+def _dry_run(module, args):
+    from click.testing import CliRunner
+    result = CliRunner().invoke(module.main, args + ["--dry-run"])
+    assert result.exit_code == 0, result.output
+    return dict(line.split(" = ", 1) for line in result.output.strip().splitlines())
+
+
+def test_the_network_teacher_gets_its_recipe_and_options_still_win():
+    import train_mm
+    import train_pid
+    from pid.methods.mm import recipes as mm
+    from pid.methods.pid import recipes as pid_recipes
+    for module, recipes in ((train_pid, pid_recipes), (train_mm, mm)):
+        opts = _dry_run(module, ["--teacher=builtin:glyphs16-net"])
+        for key, value in recipes.TEACHER_RECIPES["builtin:glyphs16-net"].items():
+            assert opts[key] == str(value), key
+        assert _dry_run(module, ["--teacher=builtin:glyphs16-net", "--lr=0.125"])["lr"] == "0.125"
+        assert _dry_run(module, [])["lr"] == str(recipes.DEFAULT_RECIPE["lr"])   # the analytic teacher keeps its own
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("train_pid", ["--discretization=4"]),
+    ("train_mm", ["--k=2"]),
+    ("train_mm", ["--k=2", "--algorithm=parameter"]),
+])
+def test_every_method_runs_through_the_edm_path_with_exact_scores(tmp_path, script, extra):
+    """A copied U-Net as the trainable network(s), exact mixture data, exact scores: as a user's EDM teacher."""
+    import importlib
+    import json
+    from click.testing import CliRunner
+    module = importlib.import_module(script)
+    args = [f"--outdir={tmp_path}", "--teacher=builtin:glyphs16-net", "--steps=2", "--batch=4", "--grid-every=0",
+            "--log-every=1", "--eval-every=2", "--eval-num=4", "--snap=2", *extra]
+    result = CliRunner().invoke(module.main, args)
+    assert result.exit_code == 0, result.output
+    (run,) = os.listdir(tmp_path)
+    metrics = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+    assert metrics[-1]["step"] == 2
+    key = "rmse" if script == "train_pid" else "fd_exact"
+    assert key in metrics[-1] and metrics[-1][key] > 0
+    from pid.training.checkpoint import read_student_checkpoint
+    spec = read_student_checkpoint(str(tmp_path / run / "student-0000002.pt"))["spec"]
+    kind = spec["network"]["class"] if script == "train_pid" else spec["denoiser"]["kind"]
+    assert kind == ("DhariwalUNet" if script == "train_pid" else "edm")   # the teacher's network, copied
