@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",  # PEP 604 unions (str | None) are evaluated at run time in places
     packages=find_packages(include=["pid", "pid.*", "edm_networks", "edm_networks.*"]),
-    py_modules=["train_pid", "train_mm", "sample", "fid"],
+    py_modules=["train_pid", "train_mm", "sample", "fid", "report"],
     install_requires=[
         "torch>=2.6",  # torch.nn.utils.get_total_norm / clip_grads_with_norm_, torch.func.jvp over functional_call
         "torchvision",
@@ -20,6 +20,7 @@ setup(
         "pillow",
         "scipy",
         "tqdm",
+        "matplotlib",  # report.py and the report.png every training run writes by default (--plot=true)
     ],
     extras_require={"test": ["pytest", "piq"]},  # piq: the PID reference's LPIPS (tests/test_distances.py)
 )
