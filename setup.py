@@ -22,5 +22,9 @@ setup(
         "tqdm",
         "matplotlib",  # report.py and the report.png every training run writes by default (--plot=true)
     ],
-    extras_require={"test": ["pytest", "piq"]},  # piq: the PID reference's LPIPS (tests/test_distances.py)
+    extras_require={
+        "tensorboard": ["tensorboard"],  # --tensorboard=true: torch.utils.tensorboard's writer needs it
+        # piq: the PID reference's LPIPS (tests/test_distances.py); tensorboard: the --tensorboard tests run, not skip
+        "test": ["pytest", "piq", "tensorboard"],
+    },
 )
