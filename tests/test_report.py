@@ -156,6 +156,19 @@ def test_a_plot_that_fails_is_a_warning_not_a_failed_run(tmp_path, monkeypatch):
     assert log.count("warning: report.png not written") == 2 and "No space left on device" in log
 
 
+def test_a_tensorboard_write_that_fails_is_a_warning_not_a_failed_run(tmp_path, monkeypatch):
+    from pid.training.tracking import TensorBoardLog
+
+    def broken(self, *args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(TensorBoardLog, "flush", broken)
+    run_dir = train(toy_config(str(tmp_path), steps=4, snap=2, tensorboard=True), ToyMethod(), ToyStudent())
+    assert not run_dir.interrupted and os.path.exists(os.path.join(run_dir, "training-state-0000004.pt"))
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert log.count("warning: TensorBoard logging stopped: OSError") == 1
+    assert [r["step"] for r in map(json.loads, open(os.path.join(run_dir, "stats.jsonl")))] == [1, 2, 3, 4]
+
+
 def test_plot_and_tensorboard_may_change_on_resume(tmp_path):
     run_dir = train(toy_config(str(tmp_path), steps=2), ToyMethod(), ToyStudent())
     again = train(toy_config(str(tmp_path), steps=4, resume="auto", plot=False, tensorboard=True), ToyMethod(),

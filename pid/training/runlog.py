@@ -84,8 +84,7 @@ class RunLogger:
         # Non-finite numbers become null: strict JSON readers (jq, JavaScript) reject NaN.
         line = {k: _finite_or_none(v) for k, v in out.items()}
         self._stats.write(json.dumps(line) + "\n")
-        if self.tensorboard is not None:
-            self.tensorboard.scalars("train", line, step)
+        self._track(lambda tb: tb.scalars("train", line, step))
         text = " ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items())
         self.info(text)
         self._window, self._count = {}, 0
@@ -96,30 +95,38 @@ class RunLogger:
             return
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tensorboard is not None:
-            self.tensorboard.scalars("eval", metrics, step)
-            self.tensorboard.flush()   # evaluations are rare: their events never wait for the next snapshot
+        # Evaluations are rare: their events never wait for the next snapshot's flush.
+        self._track(lambda tb: (tb.scalars("eval", metrics, step), tb.flush()))
 
     def image(self, path: str, step: int) -> None:
         """A sample grid just written to `path` (TensorBoard's image `samples`; the PNG is the record)."""
-        if self.enabled and self.tensorboard is not None:
-            self.tensorboard.image("samples", path, step)
-            self.tensorboard.flush()
+        if self.enabled:
+            self._track(lambda tb: (tb.image("samples", path, step), tb.flush()))
 
     def flush_tracking(self) -> None:
         """Write TensorBoard's buffered events; called before a training state is written (no gaps after a kill)."""
-        if self.enabled and self.tensorboard is not None:
-            self.tensorboard.flush()
+        if self.enabled:
+            self._track(lambda tb: tb.flush())
+
+    def _track(self, write) -> None:
+        # TensorBoard mirrors files the run writes anyway: if it fails (a full disk), say so once and go on
+        # without it; the jsonl files and snapshots decide whether the run can continue.
+        if self.tensorboard is None:
+            return
+        try:
+            write(self.tensorboard)
+        except Exception as exc:
+            self.tensorboard = None
+            try:
+                self.info(f"warning: TensorBoard logging stopped: {type(exc).__name__}: {exc}")
+            except OSError:   # the same full disk
+                pass
 
     def close(self) -> None:
         """Close the files and the bar."""
         if self.enabled:
             self.bar.close()
-            if self.tensorboard is not None:
-                try:
-                    self.tensorboard.close()
-                except OSError:
-                    pass
+            self._track(lambda tb: tb.close())
             for f in (self._log, self._stats):
                 try:
                     f.close()
