@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",  # PEP 604 unions (str | None) are evaluated at run time in places
     packages=find_packages(include=["pid", "pid.*", "edm_networks", "edm_networks.*"]),
-    py_modules=["train_pid", "train_mm", "sample", "fid"],
+    py_modules=["train_pid", "train_mm", "sample", "fid", "report"],
     # the built-in network teachers (EDM network pickles made by `python -m pid.make_teacher`) and their sha256 sums
     package_data={"pid": ["assets/*.pkl", "assets/SHA256SUMS", "assets/*.json"]},
     install_requires=[
@@ -22,6 +22,11 @@ setup(
         "pillow",
         "scipy",
         "tqdm",
+        "matplotlib",  # report.py and the report.png every training run writes by default (--plot=true)
     ],
-    extras_require={"test": ["pytest", "piq"]},  # piq: the PID reference's LPIPS (tests/test_distances.py)
+    extras_require={
+        "tensorboard": ["tensorboard"],  # --tensorboard=true: torch.utils.tensorboard's writer needs it
+        # piq: the PID reference's LPIPS (tests/test_distances.py); tensorboard: the --tensorboard tests run, not skip
+        "test": ["pytest", "piq", "tensorboard"],
+    },
 )

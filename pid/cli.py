@@ -131,7 +131,7 @@ TRAIN_FIELDS = ("outdir", "steps", "batch", "batch_gpu", "lr", "optimizer", "bet
                 "lr_schedule", "grad_clip", "precision", "ema", "default_ema", "seed", "snap", "keep_states",
                 "keep_students", "snap_emas",
                 "grid_every", "grid_seeds", "log_every", "eval_every", "resume", "device", "desc", "attention",
-                "channels_last", "compile", "grad_sync")
+                "channels_last", "compile", "grad_sync", "plot", "tensorboard")
 
 
 def parse_floats(text, option: str):
@@ -246,6 +246,12 @@ def train_options(recipe: dict):
         click.option("--grad-sync", type=click.Choice(["ddp", "manual"]), default=None,
                      help="Several processes: DistributedDataParallel (overlapped) or summed after backward  "
                           "[default: ddp]"),
+        click.option("--plot", type=bool, default=None,
+                     help="Write report.png (curves and the newest grid) in the run directory after each evaluation "
+                          "and snapshot  [default: true]"),
+        click.option("--tensorboard", type=bool, default=None,
+                     help="Also write scalars and sample grids to TensorBoard event files in run_dir/tensorboard/ "
+                          "(pip install tensorboard)  [default: false]"),
         click.option("--dry-run", is_flag=True, help="Print the merged settings and exit"),
     ]
 

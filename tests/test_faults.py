@@ -147,7 +147,7 @@ def test_full_disk_stops_cleanly_and_keeps_the_previous_snapshot(tmp_path, refer
     with pytest.raises(CheckpointError, match=r"could not write .*student-0000004.pt \(No space left"):
         train(toy_config(str(tmp_path), steps=STEPS), ToyMethod(), ToyStudent())
     run_dir = glob.glob(os.path.join(str(tmp_path), "0*"))[0]
-    assert sorted(os.listdir(run_dir)) == sorted(["config.json", "log.txt", "stats.jsonl", "run.lock",
+    assert sorted(os.listdir(run_dir)) == sorted(["config.json", "log.txt", "stats.jsonl", "run.lock", "report.png",
                                                   "student-0000002.pt", "training-state-0000002.pt"])
     assert "ERROR: snapshot at step 4 failed" in open(os.path.join(run_dir, "log.txt")).read()
     monkeypatch.setattr(ckpt.torch, "save", real_save)

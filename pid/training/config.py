@@ -26,8 +26,9 @@ GRAD_SYNCS = ("ddp", "manual")
 # is extended.
 RESUME_FREE_FIELDS = ("outdir", "resume", "snap", "grid_every", "grid_seeds", "log_every", "eval_every",
                       "keep_states", "keep_students", "snap_emas", "device", "desc", "attention", "channels_last",
-                      "compile", "grad_sync")
-# The last four are speed options: they change results only by floating-point rounding, like `device`.
+                      "compile", "grad_sync", "plot", "tensorboard")
+# attention ... grad_sync are speed options: they change results only by floating-point rounding, like `device`;
+# plot and tensorboard only write files beside the logs.
 
 
 def ema_name(beta: float) -> str:
@@ -71,6 +72,9 @@ class TrainConfig:
     channels_last: bool = False          # networks (trainable and teacher) in channels_last memory format
     compile: bool = False                # torch.compile the trainable networks and the teacher
     grad_sync: str = "ddp"               # several processes: 'ddp' (DistributedDataParallel, overlapped) or 'manual'
+    # Tracking (main process; neither changes results, tracking.py):
+    plot: bool = True                    # write run_dir/report.png after each evaluation and snapshot
+    tensorboard: bool = False            # also write scalars and grids to run_dir/tensorboard/ (needs tensorboard)
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (tuples become lists)."""

@@ -15,6 +15,7 @@ from pid.training.lock import lock_run_dir
 from pid.training.loop import Trainer
 from pid.training.method import Method
 from pid.training.rundir import CONFIG_FILE, new_run_dir, resolve_resume
+from pid.training.tracking import require_tensorboard
 
 __all__ = ["train", "make_run_config", "TrainResult", "cpu_has_bf16", "warn_slow_precision"]
 
@@ -117,12 +118,14 @@ def train(config: TrainConfig, method: Method, student: Union[torch.nn.Module, D
     SIGINT/SIGTERM save a training state and return normally with `.interrupted` set (see TrainResult). The
     main process holds the run directory's lock (pid.training.lock) while it trains. Raises ConfigError for
     inconsistent options, a resume of another configuration, or a run directory another live trainer owns
-    (RunDirBusy).
+    (RunDirBusy), and for `tensorboard=True` without the tensorboard package.
     """
     dist = D.init_distributed(config.device)
     lock = None
     try:
         config.validate(dist.world_size)
+        if config.tensorboard:
+            require_tensorboard()   # before a run directory exists
         if dist.is_main:
             warn_slow_precision(config.precision, dist.device)
         run_config = make_run_config(config, method, extra_config)

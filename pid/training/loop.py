@@ -29,7 +29,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import json
 import os
 import signal
 import time
@@ -268,6 +267,7 @@ class Trainer:
         """student-<step>.pt and training-state-<step>.pt, then prune old states (collective call)."""
         state = self.training_state()
         if self.dist.is_main:
+            self.log.flush_tracking()   # the events up to this step exist before the state that resumes from it
             try:
                 self.export_student(ckpt.student_path(self.run_dir, self.step))
                 ckpt.write_training_state(ckpt.state_path(self.run_dir, self.step), state)
@@ -315,6 +315,7 @@ class Trainer:
             path = os.path.join(self.run_dir, f"samples-{self.step:07d}.png")
             chunk = self.config.micro_batch(self.dist.world_size)
             write_sample_grid(self.default_student(), path, self.config.grid_seeds, chunk, self.device)
+            self.log.image(path, self.step)
 
     def run_evaluation(self) -> None:
         """Call the evaluator on the default weights on every process (a distributed evaluator splits the seeds
@@ -322,8 +323,7 @@ class Trainer:
         student-best.pt."""
         result = self.evaluate(self.default_student(shared=True))
         metrics, primary, mode = result["metrics"], result.get("primary"), result.get("mode", "min")
-        if self.dist.is_main:
-            _append_json(os.path.join(self.run_dir, "metrics.jsonl"), {"step": self.step, **metrics})
+        self.log.metrics(self.step, metrics)   # main process only (the others' logger is disabled)
         self.log.info("eval " + " ".join(f"{k} {v:.5g}" for k, v in metrics.items()
                                           if isinstance(v, (int, float))))
         if primary in metrics:
@@ -335,6 +335,15 @@ class Trainer:
                     self.export_student(os.path.join(self.run_dir, "student-best.pt"), {"best": self.best})
                 self.log.info(f"new best {primary} {value:.5g}: student-best.pt")
 
+    def write_report(self) -> None:
+        """report.png: the curves so far and the newest grid (main process). A plot that cannot be drawn or
+        written (say a full disk) is a warning in log.txt: it never stops a training run."""
+        from pid.training.tracking import write_run_report
+        try:
+            write_run_report(self.run_dir)
+        except Exception as exc:
+            self.log.info(f"warning: report.png not written at step {self.step}: {type(exc).__name__}: {exc}")
+
     # ------------------------------------------------------------------------------------------ the loop
     def _due(self, every: int) -> bool:
         return bool(every) and (self.step % every == 0 or self.step == self.config.steps)
@@ -342,7 +351,8 @@ class Trainer:
     def run(self, fresh: bool) -> str:
         """Train until `config.steps` or a SIGINT/SIGTERM; returns the run directory."""
         cfg = self.config
-        self.log = RunLogger(self.run_dir, cfg.steps, self.step, cfg.log_every, enabled=self.dist.is_main)
+        self.log = RunLogger(self.run_dir, cfg.steps, self.step, cfg.log_every, enabled=self.dist.is_main,
+                             tensorboard=cfg.tensorboard)
         self.log.info(f"{'starting' if fresh else 'resuming'} at step {self.step} of {cfg.steps}: "
                       f"{self.dist.world_size} process(es) on {self.device}, global batch {cfg.batch} = "
                       f"{cfg.micro_batch(self.dist.world_size)} x {cfg.accum_rounds(self.dist.world_size)} "
@@ -365,12 +375,16 @@ class Trainer:
         if record["skipped"]:
             self.log.info(f"step {self.step - 1}: non-finite loss or gradient; step skipped "
                           f"(weights, optimizer and EMAs unchanged; {self.nan_skipped} skipped so far)")
-        if self._due(self.config.snap) or self.stop_requested or self.step == self.config.steps:
+        snapshot = self._due(self.config.snap) or self.stop_requested or self.step == self.config.steps
+        if snapshot:
             self.save_snapshot()
         if self.dist.is_main and self._due(self.config.grid_every):
             self.write_grid()
-        if self.evaluate is not None and self._due(self.config.eval_every):
+        evaluation = self.evaluate is not None and self._due(self.config.eval_every)
+        if evaluation:
             self.run_evaluation()
+        if (snapshot or evaluation) and self.dist.is_main and self.config.plot:
+            self.write_report()
         if self.stop_requested:
             self.log.info(f"stopped by signal at step {self.step}; continue with --resume=auto "
                           f"(or --resume={self.run_dir})")
@@ -396,8 +410,3 @@ def _install_signal_handlers(handler) -> dict:
 def _restore_signal_handlers(old: dict) -> None:
     for sig, handler in old.items():
         signal.signal(sig, handler)
-
-
-def _append_json(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")

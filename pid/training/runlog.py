@@ -1,4 +1,5 @@
-"""What a run tells its user: log.txt (text), stats.jsonl (one JSON record per logged step), a tqdm bar.
+"""What a run tells its user: log.txt (text), stats.jsonl (one JSON record per logged step), metrics.jsonl (one
+per evaluation), a tqdm bar, and with `tensorboard` the same scalars and grids as TensorBoard events (tracking.py).
 
 Only the main process writes; the others hold a disabled logger so the loop needs no rank checks.
 """
@@ -20,8 +21,10 @@ class RunLogger:
     """Appends to `run_dir/log.txt` and `run_dir/stats.jsonl`; shows a bar with loss, images/s and ETA."""
 
     def __init__(self, run_dir: Optional[str], total_steps: int, start_step: int, log_every: int,
-                 enabled: bool = True):
+                 enabled: bool = True, tensorboard: bool = False):
         self.enabled = enabled and run_dir is not None
+        self.run_dir = run_dir
+        self.tensorboard = None
         self.log_every = log_every
         self.start_time = time.time()
         self._window: Dict[str, float] = {}
@@ -32,6 +35,9 @@ class RunLogger:
             self._log = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
             self._stats = open(os.path.join(run_dir, "stats.jsonl"), "a", buffering=1)
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            if tensorboard:
+                from pid.training.tracking import TensorBoardLog
+                self.tensorboard = TensorBoardLog(run_dir, start_step)
 
     def info(self, message: str) -> None:
         """One timestamped line in log.txt, also shown above the bar."""
@@ -76,15 +82,51 @@ class RunLogger:
                "sec_per_step": seconds, "img_per_sec": self._img_per_s,
                "time": time.time() - self.start_time}
         # Non-finite numbers become null: strict JSON readers (jq, JavaScript) reject NaN.
-        self._stats.write(json.dumps({k: _finite_or_none(v) for k, v in out.items()}) + "\n")
+        line = {k: _finite_or_none(v) for k, v in out.items()}
+        self._stats.write(json.dumps(line) + "\n")
+        self._track(lambda tb: tb.scalars("train", line, step))
         text = " ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items())
         self.info(text)
         self._window, self._count = {}, 0
+
+    def metrics(self, step: int, metrics: dict) -> None:
+        """Append an evaluation's metrics to metrics.jsonl (and TensorBoard's `eval/<key>`)."""
+        if not self.enabled:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        # Evaluations are rare: their events never wait for the next snapshot's flush.
+        self._track(lambda tb: (tb.scalars("eval", metrics, step), tb.flush()))
+
+    def image(self, path: str, step: int) -> None:
+        """A sample grid just written to `path` (TensorBoard's image `samples`; the PNG is the record)."""
+        if self.enabled:
+            self._track(lambda tb: (tb.image("samples", path, step), tb.flush()))
+
+    def flush_tracking(self) -> None:
+        """Write TensorBoard's buffered events; called before a training state is written (no gaps after a kill)."""
+        if self.enabled:
+            self._track(lambda tb: tb.flush())
+
+    def _track(self, write) -> None:
+        # TensorBoard mirrors files the run writes anyway: if it fails (a full disk), say so once and go on
+        # without it; the jsonl files and snapshots decide whether the run can continue.
+        if self.tensorboard is None:
+            return
+        try:
+            write(self.tensorboard)
+        except Exception as exc:
+            self.tensorboard = None
+            try:
+                self.info(f"warning: TensorBoard logging stopped: {type(exc).__name__}: {exc}")
+            except OSError:   # the same full disk
+                pass
 
     def close(self) -> None:
         """Close the files and the bar."""
         if self.enabled:
             self.bar.close()
+            self._track(lambda tb: tb.close())
             for f in (self._log, self._stats):
                 try:
                     f.close()
