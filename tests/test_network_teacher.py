@@ -118,3 +118,26 @@ def test_every_method_runs_through_the_edm_path_with_exact_scores(tmp_path, scri
     spec = read_student_checkpoint(str(tmp_path / run / "student-0000002.pt"))["spec"]
     kind = spec["network"]["class"] if script == "train_pid" else spec["denoiser"]["kind"]
     assert kind == ("DhariwalUNet" if script == "train_pid" else "edm")   # the teacher's network, copied
+
+
+def test_baseline_table_scores_the_network_against_its_mixture_and_its_own_ode(tmp_path):
+    import sys
+    from click.testing import CliRunner
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import mm_teacher_baselines
+    cache = tmp_path / "ref.pt"
+    args = ["--teacher=builtin:glyphs16-net", "--num=4", "--seed0=1000000", "--ode", "--ref-steps=8",
+            f"--ref-cache={cache}", "--heun-steps=8", "--ancestral-steps=2", "--batch=4"]
+    first = CliRunner().invoke(mm_teacher_baselines.main, args)
+    assert first.exit_code == 0, first.output
+    assert "seeds 1000000-1000003" in first.output and "RMSE to ODE" in first.output
+    def ode_rmse(output):
+        row = next(line for line in output.splitlines() if line.startswith("| Heun, 8 steps"))
+        return float(row.split("|")[6])
+
+    # Heun with the reference's own steps is the reference, up to the clamp to [-1, 1] of saved images
+    assert ode_rmse(first.output) < 0.01
+    saved = torch.load(cache, weights_only=True)
+    assert saved["endpoints"].shape == (4, 3, 16, 16)
+    torch.save(dict(saved, endpoints=saved["endpoints"] + 1), cache)   # the cache is read, not recomputed
+    assert ode_rmse(CliRunner().invoke(mm_teacher_baselines.main, args).output) > 0.9
