@@ -1,5 +1,6 @@
 """`train()`: set up processes and the run directory, resume if asked, run the loop."""
 
+import gc
 import json
 import os
 import platform
@@ -121,7 +122,7 @@ def train(config: TrainConfig, method: Method, student: Union[torch.nn.Module, D
     (RunDirBusy), and for `tensorboard=True` without the tensorboard package.
     """
     dist = D.init_distributed(config.device)
-    lock = None
+    lock = trainer = None
     try:
         config.validate(dist.world_size)
         if config.tensorboard:
@@ -138,8 +139,15 @@ def train(config: TrainConfig, method: Method, student: Union[torch.nn.Module, D
             _write_config(run_dir, run_config, dist)
         D.barrier()
         trainer.run(fresh=path is None)
-        return TrainResult(run_dir, trainer.step < config.steps, trainer.step)
+        result = TrainResult(run_dir, trainer.step < config.steps, trainer.step)
+        D.barrier()   # every process leaves together: no peer is still in a collective when the group goes
+        return result
     finally:
         if lock is not None:
             lock.release()
+        # The DDP wrapper holds the process group and gloo's pending work: free it while the interpreter is
+        # alive, before the group is destroyed. Left to interpreter exit, gloo's worker threads can abort the
+        # process ("terminate called without an active exception", seen under torchrun on a loaded CPU box).
+        trainer = None
+        gc.collect()
         dist.shutdown()
