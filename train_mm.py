@@ -5,6 +5,7 @@ Examples:
     python train_mm.py --outdir=runs --algorithm=parameter             # Algorithm 3: no auxiliary network
     torchrun --standalone --nproc_per_node=8 train_mm.py --preset=imagenet64 --data=imagenet-64x64.zip --outdir=runs
     torchrun --standalone --nproc_per_node=8 train_mm.py --preset=cifar10 --data=cifar10-32x32.zip --outdir=runs
+    torchrun --standalone --nproc_per_node=8 train_mm.py --preset=cifar10 --data=teacher --outdir=runs  # no dataset
 Settings: the embedded default, then --preset, then every option given explicitly.
 """
 
@@ -46,8 +47,14 @@ def build_run(opts: dict):
               help="Recipe (imagenet64: the paper's, k=8, batch 2048, lr 1e-5, bf16; cifar10: k=2, batch 512, "
                    "lr 5e-6); other options override it")
 @click.option("--teacher", default=None, help="EDM pickle path/URL or builtin:glyphs16|glyphs32|glyphs16-net  [default: builtin:glyphs16]")
-@click.option("--data", default=None, help="Training images: EDM dataset zip or image folder  [default: exact samples "
-                                           "for built-in teachers; required for EDM teachers]")
+@click.option("--data", default=None, help="Training images: EDM dataset zip or image folder, or 'teacher' for the "
+                                           "teacher's own samples (no dataset; generated once into the run "
+                                           "directory)  [default: exact samples for built-in teachers; required "
+                                           "for EDM teachers]")
+@click.option("--teacher-data-num", type=click.IntRange(min=1), default=None,
+              help="--data=teacher: samples generated  [default: 10000]")
+@click.option("--teacher-data-steps", type=click.IntRange(min=1), default=None,
+              help="--data=teacher: Heun steps per sample (NFE 2·steps−1)  [default: 18]")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None,
               help="alternating: Algorithm 2, generator and auxiliary denoiser; parameter: Algorithm 3, moments "
                    "matched in the teacher's parameter space (no auxiliary network)  [default: alternating]")

@@ -6,11 +6,18 @@ Two sources share one `sample(start, count, generator, device)` call:
     processes that each take their slice of a step's positions see the same images as 1 process with gradient
     accumulation, and a resumed run continues where it stopped without saving any data-loader state.
   * `MixtureSource` draws exact samples of a built-in Gaussian mixture teacher; no files needed.
+  * `TeacherDataSource` (`--data=teacher`) is a DatasetSource over samples of the teacher itself, generated
+    once into an EDM dataset zip beside the run directories (split across processes, resumable, shared by the
+    runs of one teacher; docs/moment_matching.md).
 """
 
 import hashlib
+import io
 import json
 import os
+import shutil
+import time
+import zipfile
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -22,7 +29,7 @@ from pid.metrics.images import ImageSet, list_image_files
 from pid.toy import GaussianMixtureTeacher
 
 __all__ = ["ImageDataset", "open_dataset", "check_against_teacher", "EpochSampler", "DatasetSource",
-           "MixtureSource", "make_data_source"]
+           "MixtureSource", "TEACHER_DATA", "TeacherDataSource", "write_dataset_zip", "make_data_source"]
 
 LABELS_FILE = "dataset.json"  # EDM's dataset_tool.py: {"labels": [["00000/img00000000.png", 6], ...]} or null
 
@@ -214,20 +221,206 @@ class MixtureSource:
         return x, F.one_hot(classes, self.label_dim).to(device=device, dtype=torch.float32)
 
 
-def make_data_source(spec: Optional[str], teacher, seed: int):
-    """The data source for `--data=spec`: a checked DatasetSource for a path, else the mixture's own samples.
+def write_dataset_zip(path: str, images: np.ndarray, labels: Optional[np.ndarray]) -> None:
+    """An EDM dataset zip (dataset_tool.py's layout: `00000/img00000000.png`, `dataset.json`) of uint8 images
+    [N,H,W,C] and class indices [N] (or None), written atomically (a temporary file, then a rename)."""
+    from PIL import Image
+    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, image in zip(names, images):
+            buf = io.BytesIO()
+            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format="png",
+                                                                                   compress_level=0)
+            z.writestr(name, buf.getvalue())
+        table = None if labels is None else [[n, int(c)] for n, c in zip(names, labels)]
+        z.writestr(LABELS_FILE, json.dumps({"labels": table}))
+    os.replace(tmp, path)
+
+
+TEACHER_DATA = "teacher"            # --data=teacher: moment matching on the teacher's own samples
+TEACHER_DATA_FILE = "teacher-data.zip"
+TEACHER_DATA_SEED0 = 3_000_000_000  # latents of the cache: EDM per-seed draws, away from every evaluation's seeds
+_CHUNK = 256                        # seeds per generated part (fixed: the parts do not depend on the process count)
+
+
+def _teacher_identity(spec: Optional[str]) -> dict:
+    """What names the teacher in a cache key: its spec, and for a local file its size and modification time."""
+    ident = {"teacher": spec}
+    if spec and os.path.isfile(spec):
+        st = os.stat(spec)
+        ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return ident
+
+
+class TeacherDataSource:
+    """Moment matching without a dataset: x are the teacher's own Heun samples (`steps` steps, NFE 2·steps−1) of
+    seeds TEACHER_DATA_SEED0 .. +num−1 (EDM's per-seed latents and class labels), written once into an EDM
+    dataset zip by `prepare` and then read in EpochSampler order like any dataset.
+
+    The zip lives beside the run directories, in `<outdir>/teacher-data/<key>/teacher-data.zip` with `key` a hash
+    of the teacher and the settings, so that the runs of one teacher (training seeds, k, algorithms) share it and
+    a run killed before its first snapshot finds the parts already made. `prepare` runs on every process before
+    training: each generates its share of the 256-seed parts (part i on rank i mod world) into `parts/`, the
+    main process packs them into the zip, and the run directory gets `teacher-data.json` naming the cache.
+    """
+
+    def __init__(self, teacher, num: int, steps: int, seed: int, teacher_spec: Optional[str] = None):
+        if num < 1 or steps < 1:
+            raise ConfigError(f"--data=teacher needs --teacher-data-num ≥ 1 and --teacher-data-steps ≥ 1, got "
+                              f"{num} and {steps}")
+        self.teacher, self.num, self.steps, self.seed = teacher, int(num), int(steps), int(seed)
+        self.teacher_spec = teacher_spec
+        self.label_dim = int(teacher.label_dim)
+        self.source: Optional[DatasetSource] = None
+        self.generation_seconds: Optional[float] = None
+        self.path: Optional[str] = None
+
+    def manifest(self) -> dict:
+        """What the cache holds; a zip whose manifest differs is another cache."""
+        return {"kind": "pid teacher samples", "sampler": "heun", "steps": self.steps, "num": self.num,
+                "seed0": TEACHER_DATA_SEED0, "shape": [int(self.teacher.img_channels),
+                                                       int(self.teacher.img_resolution),
+                                                       int(self.teacher.img_resolution)],
+                "label_dim": self.label_dim, **_teacher_identity(self.teacher_spec)}
+
+    def cache_dir(self, outdir: str) -> str:
+        """`<outdir>/teacher-data/<16 hex digits of the manifest's hash>`."""
+        key = hashlib.sha256(json.dumps(self.manifest(), sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(outdir, "teacher-data", key)
+
+    def prepare(self, run_dir: str, dist=None, log=None) -> None:
+        """Generate (or find) the teacher samples of this run; a collective call under torchrun."""
+        from pid.training import distributed as D
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        cache = self.cache_dir(os.path.dirname(os.path.abspath(run_dir)))
+        path, info_path = os.path.join(cache, TEACHER_DATA_FILE), os.path.join(cache, "info.json")
+        if not self._have(path, info_path):
+            self._generate(cache, path, info_path, rank, world, log)
+        elif log is not None:
+            log.info(f"--data=teacher: using the {self.num} teacher samples in {path}")
+        D.barrier()
+        with open(info_path) as f:
+            info = json.load(f)
+        self.generation_seconds, self.path = info.get("generation_seconds"), path
+        if rank == 0:
+            tmp = os.path.join(run_dir, f"teacher-data.json.tmp{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump({**info, "path": path}, f, indent=2)
+            os.replace(tmp, os.path.join(run_dir, "teacher-data.json"))
+        self.source = DatasetSource(open_dataset(path), self.label_dim, self.seed)
+
+    def _have(self, path: str, info_path: str) -> bool:
+        try:
+            with open(info_path) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return os.path.isfile(path) and info.get("manifest") == self.manifest()
+
+    def _part(self, parts_dir: str, index: int) -> str:
+        return os.path.join(parts_dir, f"part-{index:06d}.npz")
+
+    @torch.no_grad()
+    def _generate(self, cache, path, info_path, rank, world, log) -> None:
+        from tqdm import tqdm
+        from pid.exact_eval import heun_endpoints
+        from pid.images import to_uint8
+        from pid.metrics.evaluate import seed_draws
+        from pid.training import distributed as D
+        parts_dir = os.path.join(cache, "parts")
+        os.makedirs(parts_dir, exist_ok=True)
+        device = next((p.device for p in self.teacher.parameters()), None) or next(
+            (b.device for b in self.teacher.buffers()), torch.device("cpu"))
+        shape = self.manifest()["shape"]
+        count = (self.num + _CHUNK - 1) // _CHUNK
+        mine = [i for i in range(rank, count, world)]
+        todo = [i for i in mine if not os.path.isfile(self._part(parts_dir, i))]
+        if log is not None:
+            log.info(f"generating {self.num} teacher samples for --data=teacher (Heun, {self.steps} steps, NFE "
+                     f"{2 * self.steps - 1}) into {path}" + (f"; {len(mine) - len(todo)} of {len(mine)} parts "
+                                                              f"already done" if len(todo) < len(mine) else ""))
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(todo) * world, desc="teacher samples", unit="part", disable=rank != 0,
+                   dynamic_ncols=True, leave=False)
+        for i in todo:
+            seeds = list(range(TEACHER_DATA_SEED0 + i * _CHUNK, TEACHER_DATA_SEED0 + min(self.num, (i + 1) * _CHUNK)))
+            _, latents, labels = seed_draws(seeds, shape, self.label_dim, device)
+            x = heun_endpoints(self.teacher, latents, labels, self.steps, chunk=_CHUNK)
+            classes = (labels.argmax(1).cpu().numpy() if labels is not None else np.zeros(0, np.int64))
+            tmp = self._part(parts_dir, i) + f".tmp{os.getpid()}.npz"
+            np.savez(tmp, images=to_uint8(x.float()).numpy(), labels=classes)
+            os.replace(tmp, self._part(parts_dir, i))
+            bar.update(world)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        spent = D.gather_objects(elapsed)
+        if rank == 0:
+            images, labels = [], []
+            for i in range(count):
+                with np.load(self._part(parts_dir, i)) as part:
+                    images.append(part["images"])
+                    labels.append(part["labels"])
+            write_dataset_zip(path, np.concatenate(images), np.concatenate(labels) if self.label_dim else None)
+            info = {"manifest": self.manifest(), "generation_seconds": float(max(spent)), "processes": world,
+                    "device": str(device)}
+            tmp = f"{info_path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(info, f, indent=2)
+            os.replace(tmp, info_path)
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            if log is not None:
+                log.info(f"teacher samples: {self.num} in {max(spent):.1f} s on {world} process(es) -> {path}")
+
+    def sample(self, positions_start: int, count: int, generator: Optional[torch.Generator] = None,
+               device=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """As DatasetSource.sample, over the generated samples (after `prepare`)."""
+        if self.source is None:
+            raise RuntimeError("TeacherDataSource.sample before prepare(run_dir): the trainer prepares it")
+        return self.source.sample(positions_start, count, generator, device)
+
+
+def check_teacher_data_spec(spec: Optional[str], given_options: dict) -> None:
+    """One-line errors for `--data` values that mix the data-free mode with a path, and for teacher-data
+    options given without `--data=teacher`."""
+    if spec is None or spec == TEACHER_DATA:
+        if spec == TEACHER_DATA and os.path.exists(TEACHER_DATA):
+            raise ConfigError(f"--data=teacher means the teacher's own samples, but './{TEACHER_DATA}' also exists "
+                              f"here: pass --data=./{TEACHER_DATA} for that dataset, or run from another folder")
+        if spec is None:
+            extra = [k for k, v in given_options.items() if v is not None]
+            if extra:
+                raise ConfigError(f"--{extra[0].replace('_', '-')} applies to --data=teacher only; add "
+                                  f"--data=teacher or drop it")
+        return
+    parts = [p.strip() for p in spec.replace(";", ",").split(",")]
+    if TEACHER_DATA in parts or spec.startswith(TEACHER_DATA + ":") or spec.startswith(TEACHER_DATA + "+"):
+        raise ConfigError(f"--data={spec} mixes the teacher's own samples with a dataset: give --data=teacher or "
+                          f"--data=<dataset.zip | folder>, not both")
+    extra = [k for k, v in given_options.items() if v is not None]
+    if extra:
+        raise ConfigError(f"--{extra[0].replace('_', '-')} applies to --data=teacher only, not to "
+                          f"--data={spec}: drop it")
+
+
+def make_data_source(spec: Optional[str], teacher, seed: int, teacher_data_num: int = 10_000,
+                     teacher_data_steps: int = 18, teacher_spec: Optional[str] = None):
+    """The data source for `--data=spec`: a checked DatasetSource for a path, `TeacherDataSource` for 'teacher'
+    (prepared by the trainer), else the mixture's own samples.
 
     teacher: any teacher with img_resolution, img_channels, label_dim. Without a spec only a teacher with a known
     data distribution works (a GaussianMixtureTeacher, or a built-in network teacher's `.data_distribution`, the
     mixture it was trained on), since an EDM network of unknown data has no distribution to sample from.
     """
+    if spec == TEACHER_DATA:
+        return TeacherDataSource(teacher, teacher_data_num, teacher_data_steps, seed, teacher_spec)
     if spec is None:
         from pid.teachers import data_distribution
         mixture = data_distribution(teacher)
         if isinstance(mixture, GaussianMixtureTeacher):
             return MixtureSource(mixture)
         raise ConfigError("moment matching needs training data: pass --data=dataset.zip (EDM dataset_tool "
-                          "format) or an image folder")
+                          "format) or an image folder, or --data=teacher for the teacher's own samples")
     dataset = open_dataset(spec)
     check_against_teacher(dataset, int(teacher.img_resolution), int(teacher.img_channels), int(teacher.label_dim))
     return DatasetSource(dataset, int(teacher.label_dim), seed)

@@ -201,7 +201,8 @@ def _run_mm(outdir, steps, *extra, env=None, nproc=None):
 
 def _final_state(outdir):
     from pid.training.checkpoint import load_latest_state
-    run = [os.path.join(outdir, d) for d in sorted(os.listdir(outdir))][-1]
+    from pid.training.rundir import list_runs
+    run = list_runs(str(outdir))[-1][1]   # run directories only (--data=teacher keeps its samples beside them)
     return load_latest_state(run)[1]
 
 

@@ -357,6 +357,9 @@ class Trainer:
                       f"{self.dist.world_size} process(es) on {self.device}, global batch {cfg.batch} = "
                       f"{cfg.micro_batch(self.dist.world_size)} x {cfg.accum_rounds(self.dist.world_size)} "
                       f"rounds x {self.dist.world_size}, precision {cfg.precision}")
+        prepare = getattr(self.method, "prepare", None)
+        if prepare is not None:   # e.g. moment matching's --data=teacher generates its samples (all processes)
+            prepare(self.run_dir, self.dist, self.log)
         if fresh and self.dist.is_main and cfg.grid_every:
             self.write_grid()
         old = _install_signal_handlers(self._on_signal)

@@ -18,6 +18,8 @@ class Method(Protocol):
     attention and leave it uncompiled).
 
     A method may also define `to(device)`; the trainer calls it once so the method can move its teacher, and
+    `prepare(run_dir, dist, log)`, which every process calls once before the first step (and again at each
+    resume) to make what it needs in the run directory (moment matching's `--data=teacher` samples), and
     `state_dict()` / `load_state_dict(d)` for state of its own (running statistics), which the trainer keeps in
     the training state so that a resume stays exact.
 

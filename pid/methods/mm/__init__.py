@@ -21,10 +21,13 @@ def build_mm_run(cfg, seed: int = 0):
 
     Networks: {'generator', 'aux'} for Algorithm 2 ('alternating'), {'generator'} for Algorithm 3 ('parameter').
     """
-    from pid.data import make_data_source
+    from pid.data import check_teacher_data_spec, make_data_source
     from pid.teachers import default_sigma_range, load_teacher
+    check_teacher_data_spec(cfg.data, {"teacher_data_num": cfg.teacher_data_num,
+                                       "teacher_data_steps": cfg.teacher_data_steps})
     teacher = load_teacher(cfg.teacher)
-    data = make_data_source(cfg.data, teacher, seed)
+    data = make_data_source(cfg.data, teacher, seed, teacher_data_num=cfg.teacher_data_num or 10_000,
+                            teacher_data_steps=cfg.teacher_data_steps or 18, teacher_spec=cfg.teacher)
     lo, hi = default_sigma_range(teacher)
     lo = float(cfg.sigma_min if cfg.sigma_min is not None else lo)
     hi = float(cfg.sigma_max if cfg.sigma_max is not None else hi)

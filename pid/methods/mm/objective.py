@@ -71,6 +71,12 @@ class MomentMatching:
         self.teacher.to(device)
         return self
 
+    def prepare(self, run_dir: str, dist=None, log=None) -> None:
+        """Before the first step, on every process: a data source that makes its data (`--data=teacher`) does."""
+        prepare = getattr(self.data, "prepare", None)
+        if prepare is not None:
+            prepare(run_dir, dist, log)
+
     def phase(self, step: int) -> str:
         """1:1 alternation by step parity: the auxiliary denoiser first (it must track the generator)."""
         return "aux" if step % 2 == 0 else "generator"

@@ -21,7 +21,10 @@ ALGORITHMS = ("alternating", "parameter")
 class MMConfig:
     """Moment-matching settings (the generic ones are pid.training.TrainConfig)."""
     teacher: str = "builtin:glyphs16"      # EDM pickle path/URL or builtin:<name>
-    data: Optional[str] = None             # EDM dataset zip or image folder; None: exact samples (built-in teachers)
+    data: Optional[str] = None             # EDM dataset zip or image folder; 'teacher': the teacher's own samples;
+                                           # None: exact samples (built-in teachers)
+    teacher_data_num: Optional[int] = None    # --data=teacher: samples generated (None: 10000)
+    teacher_data_steps: Optional[int] = None  # --data=teacher: Heun steps of each (None: 18, NFE 35)
     algorithm: str = "alternating"         # alternating: Algorithm 2 (auxiliary denoiser); parameter: Algorithm 3
     k: int = 4                             # sampling steps of the student
     rho: float = 7.0                       # t→σ map: Karras interpolation between sigma_min and sigma_max
@@ -52,7 +55,7 @@ class MMConfig:
 # all σ ranges ((b)), and EDM's ρ = 7 map is kept (ρ = 25 improves the teacher's own 4-step sampler, but no
 # student trained on it improved its mode frequencies).
 DEFAULT_RECIPE: dict = dict(
-    teacher="builtin:glyphs16", data=None, algorithm="alternating", k=4, rho=7.0, weight="edm", sigma_floor=0.1,
+    teacher="builtin:glyphs16", data=None, teacher_data_num=None, teacher_data_steps=None, algorithm="alternating", k=4, rho=7.0, weight="edm", sigma_floor=0.1,
     force_t1=False, aux_lr_mult=1.0, mixture_adjust=True, student_preset=None, preconditioner="adam",
     precond_beta2=0.99, precond_eps=1e-8, subtract_data_grad=False,
     steps=2000, batch=32, lr=2e-3, optimizer="adam", betas="0.0,0.99", eps=1e-12, precision="fp32",
