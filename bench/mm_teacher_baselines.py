@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pid.cli import user_errors  # noqa: E402
 from pid.errors import ConfigError  # noqa: E402
-from pid.exact_eval import (REFERENCE_STEPS, distribution_metrics, exact_metrics, heun_endpoints,  # noqa: E402
-                            reference_endpoints)
+from pid.exact_eval import (distribution_metrics, exact_metrics, heun_endpoints, reference_endpoints,  # noqa: E402
+                            reference_steps)
 from pid.metrics.evaluate import generate_seeds, seed_draws, seed_inputs  # noqa: E402
 from pid.samplers import ancestral_sampler  # noqa: E402
 from pid.teachers import data_distribution, load_teacher  # noqa: E402
@@ -127,8 +127,7 @@ def main(spec, num, seed0, ode, ref_steps, ref_cache, heun_steps, ancestral_step
     if mixture is None:
         raise ConfigError(f"{spec} is not a built-in teacher: exact metrics need a known mixture (builtin:<name>).")
     seeds, dev = list(range(seed0, seed0 + num)), torch.device(device)
-    if ref_steps is None:
-        ref_steps = REFERENCE_STEPS["analytic" if mixture is teacher else "network"]
+    ref_steps = ref_steps or reference_steps(teacher)
     reference = ode_reference(teacher, seeds, ref_steps, batch, dev, ref_cache) if ode else None
 
     def score(images, labels, deterministic):

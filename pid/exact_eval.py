@@ -15,8 +15,8 @@ import torch
 
 from pid.samplers import edm_sampler
 
-__all__ = ["REFERENCE_STEPS", "reference_endpoints", "heun_endpoints", "exact_metrics", "mixture_moments", "target_moments",
-           "component_weights", "distribution_metrics"]
+__all__ = ["REFERENCE_STEPS", "reference_steps", "reference_endpoints", "heun_endpoints", "exact_metrics",
+           "mixture_moments", "target_moments", "component_weights", "distribution_metrics"]
 
 
 @torch.no_grad()
@@ -41,6 +41,11 @@ def heun_endpoints(teacher, latents: torch.Tensor, class_labels: Optional[torch.
 REFERENCE_STEPS = {"analytic": 512, "network": 64}
 
 
+def reference_steps(teacher) -> int:
+    """The default Heun steps of `reference_endpoints` for this teacher (`REFERENCE_STEPS`)."""
+    return REFERENCE_STEPS["analytic" if hasattr(teacher, "component_of") else "network"]
+
+
 def reference_endpoints(teacher, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                         num_steps: Optional[int] = None, chunk: int = 1000) -> torch.Tensor:
     """Endpoints of the teacher's ODE from unit-normal latents [N,C,H,W]: float64 [N,C,H,W].
@@ -49,9 +54,7 @@ def reference_endpoints(teacher, latents: torch.Tensor, class_labels: Optional[t
     whether the teacher is analytic or a network) in float64; latents are scaled by σ_max inside, exactly as
     `edm_sampler` does, so endpoints match sampler outputs seed for seed.
     """
-    if num_steps is None:
-        num_steps = REFERENCE_STEPS["analytic" if hasattr(teacher, "component_of") else "network"]
-    return heun_endpoints(teacher, latents, class_labels, num_steps, chunk)
+    return heun_endpoints(teacher, latents, class_labels, num_steps or reference_steps(teacher), chunk)
 
 
 @torch.no_grad()
