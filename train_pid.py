@@ -39,7 +39,7 @@ def build_run(opts: dict):
     method = PIDObjective(teacher, pcfg.discretization, distance, pcfg.sigma_min, pcfg.sigma_max, pcfg.rho,
                           residual_precision=pcfg.residual_precision)
     student = student_from_teacher(teacher, pcfg.teacher, pcfg.student_preset, method.sigma_min, method.sigma_max,
-                                   seed=config.seed)
+                                   seed=config.seed, init=pcfg.student_init)
     evaluate = training_evaluator(teacher, config, pcfg)
     extra = {"pid": dataclasses.asdict(pcfg), "student": student.export_spec()}
     return config, method, student, extra, evaluate
@@ -53,6 +53,9 @@ def build_run(opts: dict):
 @click.option("--student-preset", default=None, help="Student network for teachers without one (tiny, glyphs16, "
                                                    "glyphs32, glyphs16-ddpmpp, glyphs32-ddpmpp)  [default: "
                                                    "glyphs<resolution>]")
+@click.option("--student-init", default=None, help="EDM network pickle (path/URL/builtin:) whose U-Net and "
+                                                 "weights start the student of a teacher without a network  "
+                                                 "[default: none: a randomly initialised --student-preset]")
 @click.option("--discretization", "-N", type=int, default=None, help=f"N, points of the Karras grid  [default: {DEFAULT_RECIPE['discretization']}; presets 250]")
 @click.option("--rho", type=float, default=None, help=f"Karras grid exponent  [default: {DEFAULT_RECIPE['rho']:g}; presets 7]")
 @click.option("--sigma-min", type=float, default=None, help="σ of one-step generation  [default: teacher's, ≥ 0.002]")

@@ -9,7 +9,7 @@ import torch
 
 import edm_networks
 import pid.teachers as teachers
-from pid.errors import CheckpointError
+from pid.errors import CheckpointError, ConfigError
 from pid.make_teacher import TEACHER_NETWORKS, build_teacher_network, denoiser_error
 from pid.teachers import EDMTeacher, builtin_network_path, load_teacher
 from pid.toy import builtin_teacher
@@ -141,3 +141,39 @@ def test_baseline_table_scores_the_network_against_its_mixture_and_its_own_ode(t
     assert saved["endpoints"].shape == (4, 3, 16, 16)
     torch.save(dict(saved, endpoints=saved["endpoints"] + 1), cache)   # the cache is read, not recomputed
     assert ode_rmse(CliRunner().invoke(mm_teacher_baselines.main, args).output) > 0.9
+
+
+def test_student_init_copies_a_network_into_the_student_of_a_teacher_without_one():
+    """--student-init: the analytic teacher's PID student starts from an EDM network's U-Net and weights."""
+    from pid.methods.pid.student import build_student_from_spec, student_from_teacher
+    analytic, net = load_teacher("builtin:glyphs16"), load_teacher("builtin:glyphs16-net")
+    student = student_from_teacher(analytic, "builtin:glyphs16", init="builtin:glyphs16-net")
+    src = net.net.model.state_dict()
+    assert student.network["class"] == type(net.net.model).__name__
+    assert all(torch.equal(v.float(), src[k].float()) for k, v in student.net.state_dict().items())
+    assert student.noise.kind == "edm" and student.label_dim == analytic.label_dim
+    rebuilt = build_student_from_spec(student.export_spec())
+    rebuilt.load_state_dict(student.state_dict())
+    z = torch.randn(2, 3, 16, 16) * 80
+    labels = torch.eye(analytic.label_dim)[[0, 3]]
+    assert torch.equal(rebuilt(z, 2.0, labels), student(z, 2.0, labels))
+    random = student_from_teacher(analytic, "builtin:glyphs16")   # without: the random preset
+    assert not torch.equal(next(iter(random.net.state_dict().values())), next(iter(student.net.state_dict().values())))
+
+
+def test_student_init_of_another_format_or_without_a_network_is_refused(tmp_path):
+    import edm_networks
+    from edm_networks.pickle_writer import snapshot_bytes
+    from pid.methods.pid.student import student_from_teacher
+    analytic = load_teacher("builtin:glyphs16")
+    torch.manual_seed(0)
+    other = edm_networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=10, model_type="DhariwalUNet",
+                                    model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    path = tmp_path / "other.pkl"
+    path.write_bytes(snapshot_bytes(other))
+    with pytest.raises(ConfigError, match="img_resolution 8, the teacher 16"):
+        student_from_teacher(analytic, "builtin:glyphs16", init=str(path))
+    with pytest.raises(ConfigError, match="not an EDM network"):
+        student_from_teacher(analytic, "builtin:glyphs16", init="builtin:glyphs32")
+    with pytest.raises(ConfigError, match="give one of them"):
+        student_from_teacher(analytic, "builtin:glyphs16", preset="tiny", init="builtin:glyphs16-net")

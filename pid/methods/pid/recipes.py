@@ -23,6 +23,7 @@ class PIDConfig:
     """PID-specific settings (the generic ones are pid.training.TrainConfig)."""
     teacher: str = "builtin:glyphs16"      # EDM pickle path/URL or builtin:<name>
     student_preset: Optional[str] = None   # network preset for teachers without a network (None: by resolution)
+    student_init: Optional[str] = None     # EDM network pickle whose U-Net starts the student (teachers without one)
     discretization: int = 250              # N, points of the Karras grid
     rho: float = 7.0
     sigma_min: Optional[float] = None      # None: the teacher's, clipped to [0.002, 80]
@@ -49,7 +50,7 @@ class PIDConfig:
 # same recipe it beat the DDPM++ SongUNet of the same widths on three training seeds (lr 4.5e-3 and 9e-3 were worse
 # for it). The presets keep the reference's rho=7. Measured results and limits: BENCHMARKS.md, PID section (a).
 DEFAULT_RECIPE: dict = dict(
-    teacher="builtin:glyphs16", student_preset=None, discretization=12, rho=1.5, loss="l2",
+    teacher="builtin:glyphs16", student_preset=None, student_init=None, discretization=12, rho=1.5, loss="l2",
     steps=2000, batch=32, lr=6e-3, optimizer="adam", betas="0.9,0.99", precision="fp32", ema="0.995,0.999",
     default_ema=0.995, warmup=0, grad_clip=None, snap=500, grid_every=500, grid_seeds=64, log_every=10,
     eval_every=500, eval_num=500,

@@ -136,16 +136,24 @@ def build_student_from_spec(spec: dict) -> PIDStudent:
 
 
 def student_from_teacher(teacher: nn.Module, teacher_spec: str | None = None, preset: str | None = None,
-                         sigma_min: float | None = None, sigma_max: float | None = None, seed: int = 0) -> PIDStudent:
+                         sigma_min: float | None = None, sigma_max: float | None = None, seed: int = 0,
+                         init: str | None = None) -> PIDStudent:
     """Make the student for a teacher from `pid.teachers.load_teacher`.
 
     EDM teachers (exposing the preconditioner as `.net`): F_θ = deep copy of `teacher.net.model` with its weights,
-    c_noise of the precond class. Teachers without a network: the named preset (default by resolution), random init
-    from `seed`, EDM c_noise. σ_min/σ_max default to the teacher's range clipped to [0.002, 80] (EDM's sampler).
+    c_noise of the precond class. Teachers without a network: the U-Net of `init` with its weights when given (an
+    EDM network pickle, path/URL or builtin:<name>, of the teacher's image size, channels and classes), else the
+    named preset (default by resolution), random init from `seed`, EDM c_noise. `init` and `preset` exclude each
+    other. σ_min/σ_max default to the teacher's range clipped to [0.002, 80] (EDM's sampler).
     """
     meta = {k: getattr(teacher, k, None) for k in ("img_resolution", "img_channels", "label_dim", "sigma_min",
                                                    "sigma_max", "sigma_data")}
     precond = getattr(teacher, "net", None)
+    if init is not None:
+        if preset is not None:
+            raise ConfigError(f"--student-init={init} and --student-preset={preset} both choose the student's "
+                              f"network: give one of them")
+        precond = _init_network(init, teacher)
     if precond is not None and hasattr(precond, "model") and preset is None:
         kind, defaults = _PRECOND_NOISE.get(type(precond).__name__, (None, None))
         if kind is None:
@@ -167,6 +175,22 @@ def student_from_teacher(teacher: nn.Module, teacher_spec: str | None = None, pr
                       sigma_min=float(sigma_min if sigma_min is not None else lo),
                       sigma_max=float(sigma_max if sigma_max is not None else hi),
                       sigma_data=float(getattr(teacher, "sigma_data", 0.5)), teacher=teacher_spec, teacher_meta=meta)
+
+
+def _init_network(init: str, teacher: nn.Module) -> nn.Module:
+    """The EDM preconditioner of the network pickle `init`, checked against the teacher's image format."""
+    from pid.teachers import load_teacher
+    source = load_teacher(init)
+    precond = getattr(source, "net", None)
+    if precond is None or not hasattr(precond, "model"):
+        raise ConfigError(f"--student-init={init} is not an EDM network (it has no U-Net to copy); give an EDM "
+                          f"network pickle, for example builtin:glyphs16-net")
+    for key in ("img_resolution", "img_channels", "label_dim"):
+        want, got = int(getattr(teacher, key)), int(getattr(source, key))
+        if want != got:
+            raise ConfigError(f"--student-init={init} has {key} {got}, the teacher {want}: the student must "
+                              f"make the teacher's images; give a network of the teacher's format")
+    return precond
 
 
 def is_student_checkpoint(path: str) -> bool:
