@@ -92,6 +92,11 @@ def test_the_network_teacher_gets_its_recipe_and_options_still_win():
             assert opts[key] == str(value), key
         assert _dry_run(module, ["--teacher=builtin:glyphs16-net", "--lr=0.125"])["lr"] == "0.125"
         assert _dry_run(module, [])["lr"] == str(recipes.DEFAULT_RECIPE["lr"])   # the analytic teacher keeps its own
+    alg3 = ["--teacher=builtin:glyphs16-net", "--algorithm=parameter"]
+    assert _dry_run(train_mm, alg3)["lr"] == str(mm.ALGORITHM_RECIPES[("builtin:glyphs16-net", "parameter")]["lr"])
+    assert _dry_run(train_mm, alg3)["steps"] == "1000"
+    assert _dry_run(train_mm, [*alg3, "--lr=0.125"])["lr"] == "0.125"
+    assert _dry_run(train_mm, ["--algorithm=parameter"])["lr"] == str(mm.DEFAULT_RECIPE["lr"])
 
 
 @pytest.mark.parametrize("script,extra", [
