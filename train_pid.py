@@ -37,7 +37,7 @@ def build_run(opts: dict):
                               lpips_vgg=pcfg.lpips_vgg, lpips_pool=pcfg.lpips_pool)
     teacher = load_teacher(pcfg.teacher)
     method = PIDObjective(teacher, pcfg.discretization, distance, pcfg.sigma_min, pcfg.sigma_max, pcfg.rho,
-                          residual_precision=pcfg.residual_precision)
+                          residual_precision=pcfg.residual_precision, link_weights=pcfg.link_weights)
     student = student_from_teacher(teacher, pcfg.teacher, pcfg.student_preset, method.sigma_min, method.sigma_max,
                                    seed=config.seed, init=pcfg.student_init)
     evaluate = training_evaluator(teacher, config, pcfg)
@@ -71,6 +71,9 @@ def build_run(opts: dict):
               help="Under --precision=fp16|bf16: fp32 = the student and the finite difference in fp32 (accurate), "
                    "amp = the student under autocast too (the reference; rounding amplified by t/(t-t'))  "
                    "[default: fp32]")
+@click.option("--link-weights", default=None,
+              help="Sampling weights of the N grid indices n (comma-separated, N numbers), or 'uniform' (the "
+                   "paper's)  [default: uniform]")
 @train_options(DEFAULT_RECIPE)
 @user_errors
 def main(preset, dry_run, **given):

@@ -229,3 +229,26 @@ def test_residual_under_autocast_stays_within_rounding_of_fp32(dtype):
 def test_residual_precision_is_checked():
     with pytest.raises(ConfigError, match="--residual-precision"):
         PIDObjective(tiny_teacher("edm"), 8, "l2", residual_precision="fp16")
+
+
+def test_link_weights_choose_the_grid_indices_and_uniform_is_the_papers_draw():
+    from pid.teachers import load_teacher
+    teacher = load_teacher("builtin:glyphs16")
+    uniform, named = PIDObjective(teacher, 6, "l2"), PIDObjective(teacher, 6, "l2", link_weights="uniform")
+    weighted = PIDObjective(teacher, 6, "l2", link_weights="0,1,1,0,2,0")
+    draws = {}
+    for name, obj in (("uniform", uniform), ("named", named), ("weighted", weighted)):
+        g = torch.Generator().manual_seed(3)
+        draws[name] = obj.draw(4000, (3, 16, 16), teacher.label_dim, g, torch.device("cpu"))[2]
+    g = torch.Generator().manual_seed(3)
+    torch.randn((4000, 3, 16, 16), generator=g)
+    torch.randint(teacher.label_dim, (4000,), generator=g)
+    assert torch.equal(draws["uniform"], torch.randint(6, (4000,), generator=g))   # the reference's draw order
+    assert torch.equal(draws["uniform"], draws["named"]) and "link_weights" not in uniform.config_dict()
+    counts = torch.bincount(draws["weighted"], minlength=6).double() / 4000
+    assert counts[[0, 3, 5]].sum() == 0 and abs(counts[4] - 0.5) < 0.04 and abs(counts[1] - 0.25) < 0.04
+    assert weighted.config_dict()["link_weights"] == [0, 1, 1, 0, 2, 0]
+    for bad, words in (("1,2", "N = 6"), ("a,b,c,d,e,f", "comma-separated"), ("0,0,0,0,0,0", "not all zero"),
+                       ("1,1,1,1,1,-1", "non-negative"), ("1,1,1,1,1,inf", "finite")):
+        with pytest.raises(ConfigError, match=words):
+            PIDObjective(teacher, 6, "l2", link_weights=bad)

@@ -42,6 +42,23 @@ def pair_indices(n: torch.Tensor, num: int) -> torch.Tensor:
     return torch.where(m == num, torch.full_like(m, num - 2), m)
 
 
+def parse_link_weights(value, num: int) -> list | None:
+    """None for uniform (None, 'uniform'); else N non-negative sampling weights of the grid indices (a list or a
+    comma-separated string), not all zero. ConfigError otherwise."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "uniform"):
+        return None
+    try:
+        weights = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except ValueError:
+        raise ConfigError(f"--link-weights={value!r}: give 'uniform' or {num} comma-separated numbers") from None
+    if len(weights) != num:
+        raise ConfigError(f"--link-weights has {len(weights)} numbers, but the grid has N = {num} indices: give "
+                          f"one weight per index (or 'uniform')")
+    if any(not (w >= 0 and w < float("inf")) for w in weights) or sum(weights) <= 0:
+        raise ConfigError("--link-weights must be finite, non-negative and not all zero")
+    return weights
+
+
 class PIDObjective:
     """The PID residual loss, one micro-batch at a time (implements the trainer's `Method` protocol).
 
@@ -63,7 +80,8 @@ class PIDObjective:
 
     def __init__(self, teacher: nn.Module, num_steps: int = 250, distance: DistanceConfig | str = "l2",
                  sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
-                 device: torch.device | str | None = None, residual_precision: str = "fp32"):
+                 device: torch.device | str | None = None, residual_precision: str = "fp32",
+                 link_weights: str | list | None = None):
         if residual_precision not in RESIDUAL_PRECISIONS:
             raise ConfigError(f"unknown --residual-precision={residual_precision!r}; choose fp32 (the student and "
                               f"the finite difference in fp32) or amp (the student under --precision's autocast)")
@@ -80,6 +98,7 @@ class PIDObjective:
         self.grid = grid.float()
         # c_n = t_n/(t_n − t_n') from the float64 grid: the f32 grid's rounding would be amplified like X's.
         self.fd_coef = (grid / (grid - grid[pair_indices(torch.arange(self.num_steps), self.num_steps)])).float()
+        self.link_weights = parse_link_weights(link_weights, self.num_steps)
 
     def to(self, device: torch.device | str) -> "PIDObjective":
         """Move the teacher and the distance network (LPIPS) to `device` (the trainer calls this)."""
@@ -92,7 +111,8 @@ class PIDObjective:
         """JSON-able description; a resumed run must have the same one."""
         return {"name": self.name, "discretization": self.num_steps, "sigma_min": self.sigma_min,
                 "sigma_max": self.sigma_max, "rho": self.rho, "distance": vars(self.distance_config).copy(),
-                "residual_precision": self.residual_precision}
+                "residual_precision": self.residual_precision,
+                **({} if self.link_weights is None else {"link_weights": list(self.link_weights)})}
 
     def draw(self, batch_size: int, shape: tuple[int, int, int], label_dim: int, generator: torch.Generator,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -103,7 +123,11 @@ class PIDObjective:
         if label_dim > 0:
             idx = torch.randint(label_dim, (batch_size,), generator=generator, device=gdev)
             labels = torch.eye(label_dim, device=gdev)[idx]
-        n = torch.randint(self.num_steps, (batch_size,), generator=generator, device=gdev)
+        if self.link_weights is None:   # the paper's uniform index (bit-for-bit the reference's draw)
+            n = torch.randint(self.num_steps, (batch_size,), generator=generator, device=gdev)
+        else:
+            p = torch.tensor(self.link_weights, dtype=torch.float64, device=gdev)
+            n = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         return z.to(device), (labels.to(device) if labels is not None else None), n.to(device)
 
     def residual(self, student: nn.Module, z: torch.Tensor, labels: torch.Tensor | None,

@@ -34,6 +34,7 @@ class PIDConfig:
     lpips_vgg: Optional[str] = None
     lpips_pool: str = "avg"                # VGG16 pooling of LPIPS: avg (the PID reference's, piq) or max (lpips)
     residual_precision: str = "fp32"       # student + finite difference in fp32 under fp16/bf16 ('amp': autocast)
+    link_weights: Optional[str] = None     # sampling weights of the N grid indices (None/'uniform': the paper's)
     eval_num: int = 1000                   # images per evaluation
     fid_ref: Optional[str] = None          # FID reference statistics (.npz path/URL) for EDM teachers
     detector: Optional[str] = None         # feature network for FID (None: EDM's Inception URL)
