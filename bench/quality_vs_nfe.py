@@ -72,7 +72,9 @@ def draw(data: dict, dpi: float):
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("NFE (network calls per image)")
         ax.set_ylabel(f"FD to the exact data ({data.get('metric', 'fd')}, log)")
-        ax.set_title(f"{teacher}: quality against NFE (seeds {data.get('seeds', '?')}; lower is better)", fontsize=10)
+        seeds = next((s["seeds"] for s in data["series"] if s["teacher"] == teacher and "seeds" in s),
+                     data.get("seeds", "?"))
+        ax.set_title(f"{teacher}: quality against NFE (seeds {seeds}; lower is better)", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return fig

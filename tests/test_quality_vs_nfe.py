@@ -32,7 +32,7 @@ def test_chart_is_drawn_and_bad_data_is_one_error_line(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| builtin:glyphs16 | PID student (default run, one call) | 1 | 2.231 |" in result.output
     with Image.open(out) as image:
-        assert image.size == (440, 200)                     # 11 x 5 inches at 40 dpi
+        assert image.size == (440, 400)                     # 11 x 5 inches per teacher panel (2) at 40 dpi
     bad = json.load(open(DATA))
     bad["series"][0]["fd"] = bad["series"][0]["fd"][:-1]
     path = tmp_path / "bad.json"
