@@ -224,14 +224,13 @@ class MixtureSource:
 def write_dataset_zip(path: str, images: np.ndarray, labels: Optional[np.ndarray]) -> None:
     """An EDM dataset zip (dataset_tool.py's layout: `00000/img00000000.png`, `dataset.json`) of uint8 images
     [N,H,W,C] and class indices [N] (or None), written atomically (a temporary file, then a rename)."""
-    from PIL import Image
+    from pid.images import _pil_image
     names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
     tmp = f"{path}.tmp{os.getpid()}"
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
         for name, image in zip(names, images):
             buf = io.BytesIO()
-            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format="png",
-                                                                                   compress_level=0)
+            _pil_image(image).save(buf, format="png", compress_level=0)
             z.writestr(name, buf.getvalue())
         table = None if labels is None else [[n, int(c)] for n, c in zip(names, labels)]
         z.writestr(LABELS_FILE, json.dumps({"labels": table}))
@@ -273,7 +272,6 @@ class TeacherDataSource:
         self.teacher_spec = teacher_spec
         self.label_dim = int(teacher.label_dim)
         self.source: Optional[DatasetSource] = None
-        self.generation_seconds: Optional[float] = None
         self.path: Optional[str] = None
 
     def manifest(self) -> dict:
@@ -293,17 +291,18 @@ class TeacherDataSource:
         """Generate (or find) the teacher samples of this run; a collective call under torchrun."""
         from pid.training import distributed as D
         rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        device = dist.device if dist is not None else torch.device("cpu")   # where the trainer put the teacher
         cache = self.cache_dir(os.path.dirname(os.path.abspath(run_dir)))
         path, info_path = os.path.join(cache, TEACHER_DATA_FILE), os.path.join(cache, "info.json")
         if not self._have(path, info_path):
-            self._generate(cache, path, info_path, rank, world, log)
+            self._generate(cache, path, info_path, rank, world, device, log)
         elif log is not None:
             log.info(f"--data=teacher: using the {self.num} teacher samples in {path}")
         D.barrier()
-        with open(info_path) as f:
-            info = json.load(f)
-        self.generation_seconds, self.path = info.get("generation_seconds"), path
+        self.path = path
         if rank == 0:
+            with open(info_path) as f:
+                info = json.load(f)
             tmp = os.path.join(run_dir, f"teacher-data.json.tmp{os.getpid()}")
             with open(tmp, "w") as f:
                 json.dump({**info, "path": path}, f, indent=2)
@@ -322,7 +321,7 @@ class TeacherDataSource:
         return os.path.join(parts_dir, f"part-{index:06d}.npz")
 
     @torch.no_grad()
-    def _generate(self, cache, path, info_path, rank, world, log) -> None:
+    def _generate(self, cache, path, info_path, rank, world, device, log) -> None:
         from tqdm import tqdm
         from pid.exact_eval import heun_endpoints
         from pid.images import to_uint8
@@ -330,11 +329,9 @@ class TeacherDataSource:
         from pid.training import distributed as D
         parts_dir = os.path.join(cache, "parts")
         os.makedirs(parts_dir, exist_ok=True)
-        device = next((p.device for p in self.teacher.parameters()), None) or next(
-            (b.device for b in self.teacher.buffers()), torch.device("cpu"))
         shape = self.manifest()["shape"]
         count = (self.num + _CHUNK - 1) // _CHUNK
-        mine = [i for i in range(rank, count, world)]
+        mine = list(range(rank, count, world))
         todo = [i for i in mine if not os.path.isfile(self._part(parts_dir, i))]
         if log is not None:
             log.info(f"generating {self.num} teacher samples for --data=teacher (Heun, {self.steps} steps, NFE "
@@ -383,24 +380,19 @@ class TeacherDataSource:
 def check_teacher_data_spec(spec: Optional[str], given_options: dict) -> None:
     """One-line errors for `--data` values that mix the data-free mode with a path, and for teacher-data
     options given without `--data=teacher`."""
-    if spec is None or spec == TEACHER_DATA:
-        if spec == TEACHER_DATA and os.path.exists(TEACHER_DATA):
+    if spec == TEACHER_DATA:
+        if os.path.exists(TEACHER_DATA):
             raise ConfigError(f"--data=teacher means the teacher's own samples, but './{TEACHER_DATA}' also exists "
                               f"here: pass --data=./{TEACHER_DATA} for that dataset, or run from another folder")
-        if spec is None:
-            extra = [k for k, v in given_options.items() if v is not None]
-            if extra:
-                raise ConfigError(f"--{extra[0].replace('_', '-')} applies to --data=teacher only; add "
-                                  f"--data=teacher or drop it")
         return
-    parts = [p.strip() for p in spec.replace(";", ",").split(",")]
-    if TEACHER_DATA in parts or spec.startswith(TEACHER_DATA + ":") or spec.startswith(TEACHER_DATA + "+"):
+    if spec is not None and (TEACHER_DATA in [p.strip() for p in spec.replace(";", ",").split(",")]
+                             or spec.startswith((TEACHER_DATA + ":", TEACHER_DATA + "+"))):
         raise ConfigError(f"--data={spec} mixes the teacher's own samples with a dataset: give --data=teacher or "
                           f"--data=<dataset.zip | folder>, not both")
-    extra = [k for k, v in given_options.items() if v is not None]
-    if extra:
-        raise ConfigError(f"--{extra[0].replace('_', '-')} applies to --data=teacher only, not to "
-                          f"--data={spec}: drop it")
+    extra = next((k for k, v in given_options.items() if v is not None), None)
+    if extra is not None:
+        raise ConfigError(f"--{extra.replace('_', '-')} applies to --data=teacher only" +
+                          (f", not to --data={spec}: drop it" if spec else "; add --data=teacher or drop it"))
 
 
 def make_data_source(spec: Optional[str], teacher, seed: int, teacher_data_num: int = 10_000,

@@ -22,7 +22,7 @@ def teacher():
 
 
 def _prepare(tmp_path, run, teacher, **kwargs):
-    """prepare() for a run directory `tmp_path/run`; the cache's zip path."""
+    """A TeacherDataSource prepared for the run directory `tmp_path/run` (its `.path` is the cache's zip)."""
     os.makedirs(tmp_path / run, exist_ok=True)
     source = TeacherDataSource(teacher, teacher_spec="builtin:glyphs16", **kwargs)
     source.prepare(str(tmp_path / run))

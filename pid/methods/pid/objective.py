@@ -99,6 +99,7 @@ class PIDObjective:
         # c_n = t_n/(t_n − t_n') from the float64 grid: the f32 grid's rounding would be amplified like X's.
         self.fd_coef = (grid / (grid - grid[pair_indices(torch.arange(self.num_steps), self.num_steps)])).float()
         self.link_weights = parse_link_weights(link_weights, self.num_steps)
+        self._link_p = None if self.link_weights is None else torch.tensor(self.link_weights, dtype=torch.float64)
 
     def to(self, device: torch.device | str) -> "PIDObjective":
         """Move the teacher and the distance network (LPIPS) to `device` (the trainer calls this)."""
@@ -126,8 +127,7 @@ class PIDObjective:
         if self.link_weights is None:   # the paper's uniform index (bit-for-bit the reference's draw)
             n = torch.randint(self.num_steps, (batch_size,), generator=generator, device=gdev)
         else:
-            p = torch.tensor(self.link_weights, dtype=torch.float64, device=gdev)
-            n = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+            n = torch.multinomial(self._link_p.to(gdev), batch_size, replacement=True, generator=generator)
         return z.to(device), (labels.to(device) if labels is not None else None), n.to(device)
 
     def residual(self, student: nn.Module, z: torch.Tensor, labels: torch.Tensor | None,
