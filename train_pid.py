@@ -37,7 +37,9 @@ def build_run(opts: dict):
                               lpips_vgg=pcfg.lpips_vgg, lpips_pool=pcfg.lpips_pool)
     teacher = load_teacher(pcfg.teacher)
     method = PIDObjective(teacher, pcfg.discretization, distance, pcfg.sigma_min, pcfg.sigma_max, pcfg.rho,
-                          residual_precision=pcfg.residual_precision, link_weights=pcfg.link_weights)
+                          residual_precision=pcfg.residual_precision, link_weights=pcfg.link_weights,
+                          residual_grad=pcfg.residual_grad, time_weight=pcfg.time_weight,
+                          residual_scheme=pcfg.residual_scheme)
     student = student_from_teacher(teacher, pcfg.teacher, pcfg.student_preset, method.sigma_min, method.sigma_max,
                                    seed=config.seed, init=pcfg.student_init)
     evaluate = training_evaluator(teacher, config, pcfg)
@@ -51,8 +53,8 @@ def build_run(opts: dict):
                    "batch 2048, fp16); other options override it")
 @click.option("--teacher", default=None, help="EDM pickle path/URL or builtin:glyphs16|glyphs32|glyphs16-net  [default: builtin:glyphs16]")
 @click.option("--student-preset", default=None, help="Student network for teachers without one (tiny, glyphs16, "
-                                                   "glyphs32, glyphs16-ddpmpp, glyphs32-ddpmpp)  [default: "
-                                                   "glyphs<resolution>]")
+                                                   "glyphs32, glyphs16-w24, glyphs16-ddpmpp, glyphs32-ddpmpp)  "
+                                                   "[default: glyphs<resolution>]")
 @click.option("--student-init", default=None, help="EDM network pickle (path/URL/builtin:) whose U-Net and "
                                                  "weights start the student of a teacher without a network  "
                                                  "[default: none: a randomly initialised --student-preset]")
@@ -71,6 +73,15 @@ def build_run(opts: dict):
               help="Under --precision=fp16|bf16: fp32 = the student and the finite difference in fp32 (accurate), "
                    "amp = the student under autocast too (the reference; rounding amplified by t/(t-t'))  "
                    "[default: fp32]")
+@click.option("--residual-grad", type=click.Choice(["both", "lower"]), default=None,
+              help="Which student outputs of a link carry gradient: both (the paper's) or lower (only the "
+                   "lower-noise one, regressed onto the teacher's Euler step from the other)  [default: both]")
+@click.option("--residual-scheme", type=click.Choice(["euler", "trapezoid"]), default=None,
+              help="The residual's rule: euler (the paper's: the teacher at the link's upper point) or trapezoid "
+                   "(the teacher at both ends, second order; one more teacher call)  [default: euler]")
+@click.option("--time-weight", type=float, default=None,
+              help="Power p of a link's loss weight max(|t/(t-t')|, 1)^p; 0 = the paper's uniform weight  "
+                   "[default: 0]")
 @click.option("--link-weights", default=None,
               help="Sampling weights of the N grid indices n (comma-separated, N numbers), or 'uniform' (the "
                    "paper's)  [default: uniform]")

@@ -38,6 +38,11 @@ PRESETS: dict[str, dict] = {
     "glyphs32": {"class": "DhariwalUNet",
                  "kwargs": {"model_channels": 16, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
                             "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}},
+    # `glyphs16` with 24 base channels (1.04 M parameters, 1.8x the step time): measured no better at equal steps
+    # (BENCHMARKS.md, "PID on the analytic teacher").
+    "glyphs16-w24": {"class": "DhariwalUNet",
+                     "kwargs": {"model_channels": 24, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
+                                "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}},
     # The previous glyph presets (DDPM++ SongUNets with attention at the deepest level), kept for comparison.
     "glyphs16-ddpmpp": {"class": "SongUNet",
                         "kwargs": {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2, 2, 2],

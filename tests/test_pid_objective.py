@@ -252,3 +252,122 @@ def test_link_weights_choose_the_grid_indices_and_uniform_is_the_papers_draw():
                        ("1,1,1,1,1,-1", "non-negative"), ("1,1,1,1,1,inf", "finite")):
         with pytest.raises(ConfigError, match=words):
             PIDObjective(teacher, 6, "l2", link_weights=bad)
+
+
+class _PointStudent(torch.nn.Module):
+    """x(z, t) = z·t/80 + a(t)·w: a smooth trajectory with one learnable vector w, enough to follow gradients."""
+
+    img_channels, img_resolution, label_dim = 3, 16, 10
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.3)
+
+    def forward(self, z, t, labels=None):
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        return z * t / 80 + (1 - t / 80) * torch.tanh(self.w) * (1 + 0.1 * t.log())
+
+
+def _draw(obj, num, seed=0):
+    return obj.draw(num, (3, 16, 16), 10, torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+
+def test_paper_defaults_of_the_extra_options_change_nothing():
+    from pid.teachers import load_teacher
+    teacher = load_teacher("builtin:glyphs16")
+    plain = PIDObjective(teacher, 12, "l2", rho=1.5)
+    named = PIDObjective(teacher, 12, "l2", rho=1.5, residual_grad="both", time_weight=0.0, residual_scheme="euler")
+    student = _PointStudent()
+    a = plain.loss(student, 64, torch.Generator().manual_seed(5), torch.device("cpu"))[0]
+    b = named.loss(student, 64, torch.Generator().manual_seed(5), torch.device("cpu"))[0]
+    assert torch.equal(a, b)
+    assert not {"residual_grad", "time_weight", "residual_scheme"} & set(named.config_dict())
+
+
+def test_residual_grad_lower_stops_the_gradient_of_the_upper_point_only():
+    from pid.teachers import load_teacher
+    teacher = load_teacher("builtin:glyphs16")
+    both, lower = (PIDObjective(teacher, 12, "l2", rho=1.5, residual_grad=g) for g in ("both", "lower"))
+    assert lower.config_dict()["residual_grad"] == "lower"
+    z, labels, _ = _draw(both, 2)
+    for n in (3, 10, 11):   # an inner link, the link into σ_min, and the edge index (pairs with N−2)
+        idx = torch.full((2,), n)
+        grads = {}
+        for name, obj in (("both", both), ("lower", lower)):
+            xs = {}
+
+            class Probe(torch.nn.Module):   # records the student's outputs so that their gradients can be read
+                img_channels, img_resolution, label_dim = 3, 16, 10
+
+                def forward(self, zz, tt, ll=None):
+                    out = (zz * tt.view(-1, 1, 1, 1) / 80).clone().requires_grad_(True)
+                    xs["out"] = out
+                    return out
+            reference = both.residual(Probe(), z, labels, idx)[0]
+            lhs, rhs = obj.residual(Probe(), z, labels, idx)
+            assert torch.allclose(lhs, reference)   # the same values, only the gradient differs
+            (lhs - rhs).square().sum().backward()
+            grads[name] = xs["out"].grad.chunk(2)   # (at t_n, at t_n')
+        upper_first = n < 11   # for the edge index the upper point is the pair t_{N−2}
+        g_upper, g_lower = grads["lower"] if upper_first else grads["lower"][::-1]
+        assert g_upper.abs().max() == 0 and g_lower.abs().max() > 0
+        assert torch.allclose(g_lower, (grads["both"][1] if upper_first else grads["both"][0]))
+        assert grads["both"][0].abs().max() > 0 and grads["both"][1].abs().max() > 0
+
+
+def test_time_weight_scales_each_links_loss_by_a_power_of_its_coefficient():
+    from pid.teachers import load_teacher
+    teacher = load_teacher("builtin:glyphs16")
+    student = _PointStudent()
+    plain = PIDObjective(teacher, 12, "l2", rho=1.5)
+    for p in (-2.0, 1.0):
+        weighted = PIDObjective(teacher, 12, "l2", rho=1.5, time_weight=p)
+        a = plain.loss(student, 48, torch.Generator().manual_seed(2), torch.device("cpu"))[0]
+        b = weighted.loss(student, 48, torch.Generator().manual_seed(2), torch.device("cpu"))[0]
+        n = _draw(plain, 48, seed=2)[2]
+        c = plain.fd_coef[n].abs()
+        expected = torch.where(c > 1, c ** p, torch.ones_like(c))
+        assert torch.allclose(b, a * expected, rtol=1e-5)
+        assert weighted.config_dict()["time_weight"] == p
+    for bad in (float("nan"), 9.0):
+        with pytest.raises(ConfigError, match="--time-weight"):
+            PIDObjective(teacher, 12, "l2", time_weight=bad)
+
+
+def test_trapezoid_target_vanishes_on_the_trapezoid_step_and_keeps_euler_into_sigma_min():
+    from pid.teachers import load_teacher
+    teacher = load_teacher("builtin:glyphs16")
+    euler = PIDObjective(teacher, 12, "l2", rho=1.5)
+    trap = PIDObjective(teacher, 12, "l2", rho=1.5, residual_scheme="trapezoid")
+    assert trap.config_dict()["residual_scheme"] == "trapezoid"
+    with pytest.raises(ConfigError, match="--residual-scheme"):
+        PIDObjective(teacher, 12, "l2", residual_scheme="heun")
+    z, labels, _ = _draw(trap, 4)
+    g = trap.grid.double()
+    lab = labels.double()
+    for n in (2, 8):
+        # X at t_n: a few Euler steps from z; X' solves X' = X + h·½(v(X, t) + v(X', t')) by fixed-point iteration
+        x = z.double()
+        for k in range(n):
+            x = x + (g[k + 1] - g[k]) * (x - teacher(x, g[k], lab)) / g[k]
+        t, t2 = g[n], g[n + 1]
+        v = (x - teacher(x, t, lab)) / t
+        x2 = x + (t2 - t) * v
+        for _ in range(300):
+            x2 = x + (t2 - t) * 0.5 * (v + (x2 - teacher(x2, t2, lab)) / t2)
+
+        class Oracle(torch.nn.Module):
+            img_channels, img_resolution, label_dim = 3, 16, 10
+
+            def forward(self, zz, tt, ll=None):
+                return torch.cat([x, x2]).float()
+        idx = torch.full((4,), n)
+        lhs, rhs = trap.residual(Oracle(), z, labels, idx)
+        lhs_e, rhs_e = euler.residual(Oracle(), z, labels, idx)
+        scale = lhs.square().mean().sqrt()
+        assert (lhs - rhs).square().mean().sqrt() < 1e-4 * scale   # the trapezoid step is its fixed point
+        assert (lhs_e - rhs_e).square().mean().sqrt() > 1e-3 * scale   # and not Euler's
+    for n in (10, 11):   # the link into σ_min and the edge index: Euler's target, bit for bit
+        idx = torch.full((4,), n)
+        student = _PointStudent()
+        assert torch.equal(trap.residual(student, z, labels, idx)[1], euler.residual(student, z, labels, idx)[1])
