@@ -5,7 +5,7 @@ times it, then scores every `student-<step>.pt` of the run and EDM's determinist
 on the same seeds against the exact ODE endpoints (Heun, 512 steps, float64): RMSE, mixture-component accuracy
 and log-likelihood under the true mixture (pid.exact_eval). Latents and labels are EDM's per-seed draws.
 
-    python bench/pid_default_run.py --outdir=bench-runs              # train (≤ 10 min on 2 cores) + table
+    python bench/pid_default_run.py --outdir=bench-runs              # train (≤ 15 min on 2 idle cores) + table
     python bench/pid_default_run.py --run-dir=runs/00000-pid-...      # score an existing run
 """
 

@@ -64,6 +64,11 @@ def test_presets_merge_with_explicit_options():
         merged = dict(line.split(" = ", 1) for line in run_cli([*args, "--dry-run"]).output.strip().splitlines())
         assert float(merged["rho"]) == (3.0 if "--rho=3" in args else 7.0), (args, merged["rho"])
         assert merged["lpips_pool"] == "avg", args
+        assert merged["lr_schedule"] == "constant", args   # the reference's constant rate, not the default's decay
+    assert lines["lr_schedule"] == "constant" and default["lr_schedule"] == "linear"
+    net = dict(line.split(" = ", 1) for line in
+               run_cli(["--teacher=builtin:glyphs16-net", "--dry-run"]).output.strip().splitlines())
+    assert (net["lr_schedule"], net["steps"], net["lr"]) == ("constant", "1000", "0.001")   # its measured recipe
     maxpool = dict(line.split(" = ", 1) for line in
                    run_cli(["--preset=cifar10", "--lpips-pool=max", "--dry-run"]).output.strip().splitlines())
     assert maxpool["lpips_pool"] == "max"
@@ -85,8 +90,14 @@ def test_tiny_run_end_to_end_and_resume_checks(tmp_path):
     # Resuming with another configuration is refused with a clear message.
     other = run_cli([f"--outdir={out}", *TINY, "--steps=4", "--resume=auto", "--discretization=9"])
     assert_user_error(other)
-    # The same configuration continues the run.
-    again = run_cli([f"--outdir={out}", *TINY, "--steps=3", "--snap=1", "--resume=auto"])
+    # The default decays the lr to 0 at --steps, so more steps would change the schedule: refused.
+    longer = run_cli([f"--outdir={out}", *TINY, "--steps=3", "--snap=1", "--resume=auto"])
+    assert_user_error(longer, "train.steps: 2 -> 3", "decays linearly to 0")
+    # A constant-lr run continues with more steps.
+    out = str(tmp_path / "constant")
+    assert run_cli([f"--outdir={out}", *TINY, "--steps=2", "--snap=2", "--lr-schedule=constant"]).exit_code == 0
+    (run,) = os.listdir(out)
+    again = run_cli([f"--outdir={out}", *TINY, "--steps=3", "--snap=1", "--resume=auto", "--lr-schedule=constant"])
     assert again.exit_code == 0, again.output
     assert os.listdir(out) == [run] and "student-0000003.pt" in os.listdir(os.path.join(out, run))
 
@@ -139,7 +150,7 @@ def test_gpu_preset_without_cuda_stops_unless_device_cpu(tmp_path):
 def test_fast_path_options_reach_the_config_and_run_on_cpu(tmp_path):
     out = str(tmp_path / "runs")
     fast = ["--student-preset=glyphs16-ddpmpp", "--attention=sdpa", "--channels-last=true"]
-    result = run_cli([f"--outdir={out}", *TINY, *fast, "--steps=1", "--snap=1"])
+    result = run_cli([f"--outdir={out}", *TINY, *fast, "--steps=1", "--snap=1", "--lr-schedule=constant"])
     assert result.exit_code == 0, result.output
     (run,) = os.listdir(out)
     train = json.load(open(os.path.join(out, run, "config.json")))["train"]
@@ -147,7 +158,7 @@ def test_fast_path_options_reach_the_config_and_run_on_cpu(tmp_path):
                                                                                                  "ddp")
     # speed options may change on resume (they change results only by rounding), like --device
     again = run_cli([f"--outdir={out}", *TINY, "--student-preset=glyphs16-ddpmpp", "--steps=2", "--snap=1",
-                     "--resume=auto"])
+                     "--resume=auto", "--lr-schedule=constant"])
     assert again.exit_code == 0, again.output
     assert os.listdir(out) == [run] and "student-0000002.pt" in os.listdir(os.path.join(out, run))
     assert_user_error(run_cli([f"--outdir={out}", "--attention=flash"]), "Invalid value for '--attention'")

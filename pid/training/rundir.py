@@ -109,7 +109,12 @@ def _require_same(saved: dict, current: dict, where: str) -> None:
     diffs = config_differences(saved, current)
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-        raise ConfigError(f"cannot resume {where}: it was trained with a different configuration ({shown}). "
+        hint = ""
+        linear = (saved.get("train") or {}).get("lr_schedule") == "linear"
+        if linear and any(d.startswith("train.steps:") for d in diffs):
+            hint = (" (its learning rate decays linearly to 0 at --steps, so the step count is part of the run; "
+                    "runs with --lr-schedule=constant can be extended)")
+        raise ConfigError(f"cannot resume {where}: it was trained with a different configuration ({shown}){hint}. "
                           f"Use the original options, or start a new run (another --outdir, or no --resume)")
 
 

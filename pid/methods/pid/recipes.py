@@ -34,27 +34,30 @@ class PIDConfig:
     lpips_vgg: Optional[str] = None
     lpips_pool: str = "avg"                # VGG16 pooling of LPIPS: avg (the PID reference's, piq) or max (lpips)
     residual_precision: str = "fp32"       # student + finite difference in fp32 under fp16/bf16 ('amp': autocast)
+    residual_grad: str = "both"            # 'both' (the paper's) or 'lower': only the lower-noise output of a link
+    time_weight: float = 0.0               # link n's loss × max(|t/(t − t')|, 1)^p; 0: the paper's uniform weight
+    residual_scheme: str = "euler"         # 'euler' (the paper's) or 'trapezoid' (teacher at both ends of a link)
     link_weights: Optional[str] = None     # sampling weights of the N grid indices (None/'uniform': the paper's)
     eval_num: int = 1000                   # images per evaluation
     fid_ref: Optional[str] = None          # FID reference statistics (.npz path/URL) for EDM teachers
     detector: Optional[str] = None         # feature network for FID (None: EDM's Inception URL)
 
 
-# The embedded default: distil the built-in glyph teacher on a CPU in under 10 minutes on 2 cores with a distance
+# The embedded default: distil the built-in glyph teacher on a CPU in under 15 minutes on 2 cores with a distance
 # that needs no download. N=12: a short chain of finite differences whose fixed point (11 Euler steps) still lands
-# on the exact endpoint's component for ~97% of seeds. rho=1.5 instead of EDM's 7 (a more even spacing, fixed-point
-# ceiling still 96.5%): measured, not derived, the student learned markedly faster with it (component accuracy at
-# step 1000: rho 7 / 3 / 2 / 1.5 = 0.61 / 0.66 / 0.73 / 0.78; rho 1 caps the fixed point at 91%).
-# Adam (beta2=0.99) because RAdam's rectification keeps the step size small for the first thousands of steps;
-# lr 6e-3 scored highest at step 2000 (4e-3 and 8e-3 were within the training-seed spread of ~0.015), and a linear
-# decay did not help. The student is the `glyphs16` preset, a small ADM U-Net (pid.student_presets): with the
-# same recipe it beat the DDPM++ SongUNet of the same widths on three training seeds (lr 4.5e-3 and 9e-3 were worse
-# for it). The presets keep the reference's rho=7. Measured results and limits: BENCHMARKS.md, PID section (a).
+# on the exact endpoint's component for ~96% of seeds. rho=1.5 instead of EDM's 7 (a more even spacing): measured,
+# not derived, the student learned markedly faster with it (component accuracy at step 1000: rho 7 / 3 / 2 / 1.5 =
+# 0.61 / 0.66 / 0.73 / 0.78; rho 1 caps the fixed point at 91%). Adam (beta2=0.99) because RAdam's rectification
+# keeps the step size small for the first thousands of steps; lr 6e-3 (4e-3 and 8e-3 were within the training-seed
+# spread). The student is the `glyphs16` preset, a small ADM U-Net (pid.student_presets). Quality is bought with
+# steps, not with any other knob measured (BENCHMARKS.md, "PID on the analytic teacher"): 6000 steps with a linear
+# decay, the most that fits the 15-minute budget, beat 2000 constant-lr steps by 1-3 points of component accuracy
+# and 0.02-0.03 of RMSE on every training seed. The presets keep the reference's rho=7 and constant lr.
 DEFAULT_RECIPE: dict = dict(
     teacher="builtin:glyphs16", student_preset=None, student_init=None, discretization=12, rho=1.5, loss="l2",
-    steps=2000, batch=32, lr=6e-3, optimizer="adam", betas="0.9,0.99", precision="fp32", ema="0.995,0.999",
-    default_ema=0.995, warmup=0, grad_clip=None, snap=500, grid_every=500, grid_seeds=64, log_every=10,
-    eval_every=500, eval_num=500,
+    steps=6000, batch=32, lr=6e-3, lr_schedule="linear", optimizer="adam", betas="0.9,0.99", precision="fp32",
+    ema="0.995,0.999", default_ema=0.995, warmup=0, grad_clip=None, snap=1000, grid_every=1000, grid_seeds=64,
+    log_every=10, eval_every=1000, eval_num=500,
 )
 
 # The reference recipes (docs/pid.md §(c)): they follow the released scripts (no gradient clipping; CIFAR-10 in
@@ -65,14 +68,16 @@ DEFAULT_RECIPE: dict = dict(
 PRESETS: dict[str, dict] = {
     "cifar10": dict(teacher=EDM_PRETRAINED + "edm-cifar10-32x32-uncond-vp.pkl", discretization=250, rho=7.0,
                     loss="lpips", lpips_pool="avg",
-                    steps=800_000, batch=512, batch_gpu=None, lr=2e-4, optimizer="radam", betas="0.9,0.999",
+                    steps=800_000, batch=512, batch_gpu=None, lr=2e-4, lr_schedule="constant", optimizer="radam",
+                    betas="0.9,0.999",
                     precision="fp32",
                     ema="0.999,0.9999,0.99995", default_ema=0.99995, warmup=0, grad_clip=None, snap=10_000,
                     grid_every=10_000, log_every=100, eval_every=0, eval_num=50_000,
                     fid_ref="https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"),
     "imagenet64": dict(teacher=EDM_PRETRAINED + "edm-imagenet-64x64-cond-adm.pkl", discretization=250, rho=7.0,
                        loss="lpips", lpips_pool="avg",
-                       steps=400_000, batch=2048, batch_gpu=32, lr=1e-4, optimizer="radam", betas="0.9,0.999",
+                       steps=400_000, batch=2048, batch_gpu=32, lr=1e-4, lr_schedule="constant", optimizer="radam",
+                       betas="0.9,0.999",
                        precision="fp16", residual_precision="fp32",
                        ema="0.999,0.9999,0.99995", default_ema=0.99995, warmup=0, grad_clip=None, snap=10_000,
                        grid_every=10_000, log_every=100, eval_every=0, eval_num=50_000,
@@ -84,9 +89,10 @@ PRESETS: dict[str, dict] = {
 # the teacher's U-Net, as for any EDM teacher; the rest is the embedded default's CPU-sized recipe. A copied network
 # wants a smaller step than a random one: after 600 steps (500 evaluation seeds) lr 6e-3 / 2e-3 / 1e-3 reached
 # 80.8% / 91.8% / 93.0% component accuracy (RMSE 0.175 / 0.137 / 0.144), and it starts so close that 1000 steps
-# suffice (BENCHMARKS.md, "Network teacher").
+# suffice (BENCHMARKS.md, "Network teacher"), at a constant lr with an evaluation every 500 steps.
 TEACHER_RECIPES: dict[str, dict] = {
-    "builtin:glyphs16-net": dict(lr=1e-3, steps=1000),
+    "builtin:glyphs16-net": dict(lr=1e-3, steps=1000, lr_schedule="constant", snap=500, grid_every=500,
+                                 eval_every=500),
 }
 
 
